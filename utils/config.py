@@ -1,0 +1,129 @@
+"""Dataclass configs exposed as argparse command lines.
+
+Every entry point declares one dataclass, builds its parser with :func:`build_parser`, and has a
+``main(config)`` that tests call directly. Field names become ``--field_name`` flags (dashes are
+accepted too, for upstream spellings such as ``--vision-tower``); booleans get both
+``--flag`` and ``--no-flag``; help text comes from ``field(metadata={"help": ...})``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    """Return ``(inner_type, is_optional)`` for ``X | None`` / ``Optional[X]``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, config_cls: type, aliases: dict[str, list[str]] | None = None
+) -> None:
+    """Add one flag per field of ``config_cls`` to ``parser``.
+
+    Args:
+        parser: the parser to extend.
+        config_cls: a dataclass whose fields have defaults.
+        aliases: extra spellings per field name, e.g. ``{"vision_tower": ["--vision-tower"]}``.
+    """
+    hints = typing.get_type_hints(config_cls)
+    aliases = aliases or {}
+    for f in dataclasses.fields(config_cls):
+        if not f.init:
+            continue
+        kind, optional = _unwrap_optional(hints[f.name])
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        flags = [f"--{f.name}"]
+        if "_" in f.name:
+            flags.append(f"--{f.name.replace('_', '-')}")
+        flags += aliases.get(f.name, [])
+        help_text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if kind is bool:
+            parser.add_argument(
+                *flags, action=argparse.BooleanOptionalAction, help=help_text, **kwargs
+            )
+        elif kind in (int, float, str):
+            parser.add_argument(
+                *flags,
+                type=kind,
+                help=f"{help_text} (default: {default})" if help_text else None,
+                required=default is None and not optional,
+                **kwargs,
+            )
+        else:
+            raise TypeError(f"{config_cls.__name__}.{f.name}: unsupported field type {kind!r}")
+
+
+def build_parser(config_cls: type, description: str = "", **kwargs) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with one flag per field of ``config_cls``."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_dataclass_arguments(parser, config_cls, **kwargs)
+    return parser
+
+
+def parse_config(config_cls: type[T], argv: list[str] | None = None, **kwargs) -> T:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) into an instance of ``config_cls``."""
+    parser = build_parser(config_cls, description=config_cls.__doc__ or "", **kwargs)
+    namespace = parser.parse_args(argv)
+    return config_cls(**vars(namespace))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-serialisable dict of a (possibly nested) dataclass config."""
+
+    def convert(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return convert(config)
+
+
+def save_config(config: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as JSON (atomically), so every run records how it was made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_config(config_cls: type[T], path: str | os.PathLike) -> T:
+    """Read a config written by :func:`save_config`; unknown fields are an error naming them."""
+    data = json.loads(Path(path).read_text())
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown {config_cls.__name__} fields {unknown}")
+    return config_cls(**data)
