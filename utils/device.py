@@ -65,6 +65,13 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def collective_device() -> torch.device:
+    """Where tensors for ``torch.distributed`` collectives must live: the GPU under NCCL."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def is_package_available(name: str) -> bool:
     """True when ``name`` can be imported, without importing it."""
     return importlib.util.find_spec(name) is not None
