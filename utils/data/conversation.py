@@ -1,0 +1,166 @@
+"""Prompt templates, the ``llava_v1`` conversation format, and tokenisation with answer-only labels.
+
+Questions and answers follow LISA / LLM-Seg (reference §4). A conversation is rendered as::
+
+    {system} USER: {question} ASSISTANT: {answer}</s>USER: ... ASSISTANT: ...</s>
+
+The single ``<image>`` in the first question is expanded to ``num_image_tokens`` placeholder tokens
+(wrapped in ``<im_start>``/``<im_end>`` when the checkpoint uses them), so the model finds image and
+``[SEG]`` positions from the ids alone. Labels are ``-100`` everywhere except the assistant answers
+and their ``</s>``. A conversation longer than ``max_length`` is never truncated (that could cut a
+``[SEG]`` and misalign the targets): :class:`SequenceTooLong` is raised and the caller drops it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
+
+IGNORE_INDEX = -100
+
+SHORT_QUESTION_TEMPLATES = (
+    IMAGE_TOKEN + "\nCan you segment the {class_name} in this image?",
+    IMAGE_TOKEN + "\nPlease segment the {class_name} in this image.",
+    IMAGE_TOKEN + "\nWhat is {class_name} in this image? Please respond with segmentation mask.",
+    IMAGE_TOKEN + "\nWhat is {class_name} in this image? Please output segmentation mask.",
+)
+LONG_QUESTION_TEMPLATES = (
+    IMAGE_TOKEN + "\n{sent} Please respond with segmentation mask.",
+    IMAGE_TOKEN + "\n{sent} Please output segmentation mask.",
+)
+ANSWER_TEMPLATES = (
+    "It is [SEG].",
+    "Sure, [SEG].",
+    "Sure, it is [SEG].",
+    "Sure, the segmentation result is [SEG].",
+    "[SEG].",
+)
+# Evaluation is teacher-forced with a fixed prompt and answer, as upstream.
+VALIDATION_LONG_QUESTION = IMAGE_TOKEN + "\n{sent} Please output segmentation mask."
+VALIDATION_SHORT_QUESTION = (
+    IMAGE_TOKEN + "\nWhat is {class_name} in this image? Please output segmentation mask."
+)
+VALIDATION_ANSWER = "[SEG]."
+
+
+@dataclass(frozen=True)
+class ConversationFormat:
+    """A chat format: system prompt, role names and separators."""
+
+    system: str
+    roles: tuple[str, str]
+    sep: str
+    sep2: str
+
+
+CONVERSATION_FORMATS = {
+    "llava_v1": ConversationFormat(
+        system=(
+            "A chat between a curious human and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the human's questions."
+        ),
+        roles=("USER", "ASSISTANT"),
+        sep=" ",
+        sep2="</s>",
+    ),
+    "llava_llama_2": ConversationFormat(
+        system="You are a helpful language and vision assistant.",
+        roles=("USER", "ASSISTANT"),
+        sep=" ",
+        sep2="</s>",
+    ),
+}
+
+
+def conversation_format(name: str) -> ConversationFormat:
+    try:
+        return CONVERSATION_FORMATS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown conversation format {name!r}; expected {sorted(CONVERSATION_FORMATS)}"
+        ) from None
+
+
+class SequenceTooLong(ValueError):
+    """A tokenised conversation exceeds ``max_length``; it is dropped, never truncated."""
+
+
+@dataclass
+class EncodedConversation:
+    """One tokenised conversation.
+
+    Attributes:
+        input_ids: ``(L,)`` token ids, ``<image>`` expanded.
+        labels: ``(L,)`` ids on answer tokens, ``-100`` elsewhere.
+        num_seg: how many ``[SEG]`` tokens it holds (= target rows it needs).
+        text: the rendered prompt before image expansion (for logs and visualisations).
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    num_seg: int
+    text: str
+
+
+def render(turns: list[tuple[str, str | None]], fmt: ConversationFormat) -> tuple[str, list]:
+    """Render ``(question, answer)`` turns; return the text and the answers' character spans.
+
+    An answer of ``None`` leaves the assistant turn open (a generation prompt).
+    """
+    text = fmt.system + fmt.sep
+    spans = []
+    for question, answer in turns:
+        text += f"{fmt.roles[0]}: {question}{fmt.sep}{fmt.roles[1]}:"
+        if answer is None:
+            break
+        text += " "
+        start = len(text)
+        text += answer + fmt.sep2
+        spans.append((start, len(text)))
+    return text, spans
+
+
+def image_placeholder(num_image_tokens: int, use_im_start_end: bool) -> str:
+    """The text that stands for one image in the LLM's input."""
+    tokens = IMAGE_TOKEN * num_image_tokens
+    return IMAGE_START_TOKEN + tokens + IMAGE_END_TOKEN if use_im_start_end else tokens
+
+
+def encode_conversation(
+    tokenizer,
+    turns: list[tuple[str, str | None]],
+    num_image_tokens: int,
+    fmt: ConversationFormat = CONVERSATION_FORMATS["llava_v1"],
+    use_im_start_end: bool = True,
+    max_length: int | None = None,
+) -> EncodedConversation:
+    """Tokenise a conversation about one image, labelling only the answers.
+
+    Args:
+        tokenizer: a fast tokenizer holding ``<image>`` and ``[SEG]``.
+        turns: ``(question, answer)`` pairs; the first question holds one ``<image>``.
+        num_image_tokens: placeholder tokens per image (``model.num_image_tokens``).
+        fmt: the conversation format.
+        use_im_start_end: wrap the image in ``<im_start>``/``<im_end>`` (LLaVA-v1 checkpoints).
+        max_length: raise :class:`SequenceTooLong` beyond this many tokens.
+    """
+    text, spans = render(turns, fmt)
+    if text.count(IMAGE_TOKEN) != 1:
+        raise ValueError(f"a conversation needs exactly one {IMAGE_TOKEN}, got: {text!r}")
+    expanded = text.replace(IMAGE_TOKEN, image_placeholder(num_image_tokens, use_im_start_end))
+    shift = len(expanded) - len(text)
+    image_at = text.index(IMAGE_TOKEN)
+    spans = [(s + shift, e + shift) if s > image_at else (s, e) for s, e in spans]
+    encoded = tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=True)
+    input_ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
+    if max_length is not None and len(input_ids) > max_length:
+        raise SequenceTooLong(f"{len(input_ids)} tokens > max_length {max_length}")
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for i, (start, end) in enumerate(encoded["offset_mapping"]):
+        if end > start and any(start < a_end and end > a_start for a_start, a_end in spans):
+            labels[i] = input_ids[i]
+    seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+    return EncodedConversation(input_ids, labels, int((input_ids == seg_id).sum()), text)
