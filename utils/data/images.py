@@ -1,0 +1,80 @@
+"""Reading images robustly and preparing the CLIP input stream.
+
+Every loader and preprocessor reads images through :func:`load_rgb_image`, so EXIF rotation,
+grayscale, palette, RGBA and 16-bit files behave the same everywhere, and a broken file gives one
+clear :class:`ImageReadError` naming it instead of a stack trace from deep inside Pillow.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers import CLIPImageProcessor
+
+# Decompression-bomb guard: far above any dataset image (an 8000 px photo is 64 MP).
+Image.MAX_IMAGE_PIXELS = 300_000_000
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be used; the message names the file and the reason."""
+
+
+def _to_uint8_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale the used range to 8 bits instead of clipping at 255.
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size else 0
+        scale = 255.0 / (65535.0 if peak > 255 else 255.0)
+        array = np.clip(array * scale, 0, 255).astype(np.uint8)
+        return np.repeat(array[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on black, as OpenCV's imread (upstream's reader) drops alpha to black-ish.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def load_rgb_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as ``(H, W, 3)`` uint8 RGB, applying its EXIF orientation.
+
+    Raises:
+        ImageReadError: missing, empty, truncated or unrecognised files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: image file not found")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: image file is empty (0 bytes)")
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            image.load()
+            return _to_uint8_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"{path}: unreadable image ({error})") from error
+
+
+def clip_image_processor(
+    vision_tower_path: str | os.PathLike, image_size: int
+) -> CLIPImageProcessor:
+    """The vision tower's own preprocessing when its folder has one, else CLIP's defaults.
+
+    CLIP's processing resizes the shortest side to ``image_size`` and centre-crops (as LISA and
+    LLM-Seg use it), normalising with CLIP's mean and std.
+    """
+    folder = Path(vision_tower_path)
+    if (folder / "preprocessor_config.json").is_file():
+        return CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+
+
+def preprocess_for_clip(processor: CLIPImageProcessor, image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 RGB -> ``(3, S, S)`` float32 CLIP input."""
+    return processor(images=image, return_tensors="pt")["pixel_values"][0]
