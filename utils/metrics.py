@@ -101,7 +101,7 @@ class ImageScore:
     """The numbers recorded for one image (written to the per-image CSV)."""
 
     name: str
-    group: str
+    groups: str
     iou: float
     intersection: int
     union: int
@@ -119,16 +119,22 @@ class SegmentationMetrics:
         pred: np.ndarray | torch.Tensor,
         gt: np.ndarray | torch.Tensor,
         name: str = "",
-        group: str | None = None,
+        groups: tuple[str, ...] | str = (),
     ) -> ImageScore:
-        """Score one image. ``pred`` is binary at any size; ``gt`` is ``(H, W)`` in {0,1,255}."""
+        """Score one image. ``pred`` is binary at any size; ``gt`` is ``(H, W)`` in {0,1,255}.
+
+        The image counts in the total and in each of ``groups`` (e.g. ``("long",)``).
+        """
+        groups = (groups,) if isinstance(groups, str) else tuple(groups)
         intersection, union = intersection_union(pred, gt)
         size = (NORMALIZED_SIZE, NORMALIZED_SIZE)
         norm_i, norm_u = intersection_union(
             resize_nearest(_as_tensor(pred) != 0, size), resize_nearest(gt, size)
         )
-        score = ImageScore(name, group or "", image_iou(intersection, union), intersection, union)
-        for key in ("all", group) if group else ("all",):
+        score = ImageScore(
+            name, "|".join(groups), image_iou(intersection, union), intersection, union
+        )
+        for key in ("all", *groups):
             totals = self.groups[key]
             totals.iou_sum += score.iou
             totals.num_images += 1
