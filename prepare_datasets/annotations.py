@@ -1,0 +1,146 @@
+"""Reading the datasets' native listings and annotations, for the prepare scripts and the report.
+
+Only what proposal preprocessing needs: which images a dataset uses (and under which key the
+loaders look them up), and ground-truth masks at the original image resolution for
+`prepare_datasets.proposal_report`. The training loaders have their own readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from prepare_datasets.runner import ImageItem
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass
+class TargetImage:
+    """Ground truth of one image: ``masks`` is ``(R, H, W)`` uint8 (1 target, 0/255 not)."""
+
+    store_dir: str
+    key: str
+    masks: np.ndarray
+
+
+def list_image_files(folder: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """Image files matching ``pattern`` (a glob relative to ``folder``), sorted.
+
+    Raises ``FileNotFoundError`` naming the folder when it does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist (check --dataset_dir)")
+    return sorted(
+        p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+
+
+def items_by_name(paths: Iterable[Path]) -> list[ImageItem]:
+    """Items keyed by file name (what upstream's loaders look up)."""
+    return [ImageItem(key=p.name, path=p) for p in paths]
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if it exists, else ``FileNotFoundError`` saying what it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found at {path} (check --dataset_dir)")
+    return path
+
+
+def load_json(path: str | os.PathLike, what: str):
+    """Parse a JSON file, with errors that name it."""
+    path = require_file(path, what)
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from None
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickler for data-only pickles (refer ``refs(*).p``): no classes or functions at all."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: data-only pickle expected")
+
+
+def load_refs_pickle(path: str | os.PathLike) -> list[dict]:
+    """Load a refer ``refs(unc).p`` file (a list of dicts) without executing any code."""
+    path = require_file(path, "refer annotations")
+    with open(path, "rb") as handle:
+        refs = _PlainDataUnpickler(handle, encoding="latin1").load()
+    if not isinstance(refs, list):
+        raise ValueError(f"{path}: expected a list of refs, got {type(refs).__name__}")
+    return refs
+
+
+def coco_images(instances: dict, source: str) -> dict[int, dict]:
+    """``image id -> image record`` of a COCO-format annotation dict."""
+    try:
+        return {int(image["id"]): image for image in instances["images"]}
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{source}: not a COCO-format file (missing {error})") from None
+
+
+def annotation_mask(annotation: dict, height: int, width: int) -> np.ndarray:
+    """``(H, W)`` uint8 mask of a COCO annotation (polygons, RLE or uncompressed RLE)."""
+    segmentation = annotation.get("segmentation")
+    if not segmentation:
+        return np.zeros((height, width), np.uint8)
+    if isinstance(segmentation, list):
+        rles = mask_utils.frPyObjects(segmentation, height, width)
+        rle = mask_utils.merge(rles)
+    elif isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle).astype(np.uint8)
+
+
+def coco_targets(instances: dict, store_dir: str, source: str, limit: int = 0):
+    """One `TargetImage` per image of a COCO-format dict, a row per annotation (file-name keys)."""
+    images = coco_images(instances, source)
+    by_image: dict[int, list[dict]] = {}
+    for annotation in instances.get("annotations", []):
+        by_image.setdefault(int(annotation["image_id"]), []).append(annotation)
+    for count, image_id in enumerate(sorted(by_image)):
+        if limit and count >= limit:
+            return
+        image = images[image_id]
+        height, width = int(image["height"]), int(image["width"])
+        masks = np.stack([annotation_mask(a, height, width) for a in by_image[image_id]])
+        yield TargetImage(store_dir, Path(image["file_name"]).name, masks)
+
+
+def class_targets(label_map: np.ndarray, ignore: set[int]) -> np.ndarray:
+    """``(R, H, W)`` uint8 masks, one per class id in ``label_map`` that is not in ``ignore``."""
+    classes = [int(c) for c in np.unique(label_map) if int(c) not in ignore]
+    if not classes:
+        return np.zeros((0, *label_map.shape), np.uint8)
+    return np.stack([(label_map == c).astype(np.uint8) for c in classes])
+
+
+def read_label_map(path: str | os.PathLike) -> np.ndarray:
+    """A segmentation annotation PNG as an ``(H, W)`` integer array of class ids."""
+    path = require_file(path, "annotation")
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def oriented_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of an image as displayed (EXIF orientation applied), header only."""
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
