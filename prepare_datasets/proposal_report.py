@@ -25,6 +25,7 @@ import importlib
 import json
 import logging
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,22 +33,23 @@ import numpy as np
 import torch
 
 from prepare_datasets.annotations import TargetImage
-from utils.config import parse_config, save_config
+from utils.config import build_parser, parse_config, save_config
 from utils.logging_setup import setup_logging
 from utils.masks import binary_ground_truth, mask_iou_iop, resize_nearest
 from utils.proposal_store import PROPOSAL_ORDERS, ProposalReader, top_k_indices
 
 logger = logging.getLogger(__name__)
 
+# name -> (module, its config class); each module has split_jobs() and iter_targets().
 DATASETS = {
-    "reason_seg": "prepare_datasets.prepare_reason_seg",
-    "refcoco": "prepare_datasets.prepare_refcoco",
-    "refclef": "prepare_datasets.prepare_refclef",
-    "ade20k": "prepare_datasets.prepare_ade20k",
-    "coco2017": "prepare_datasets.prepare_coco2017",
-    "voc2010": "prepare_datasets.prepare_voc2010",
-    "mapillary": "prepare_datasets.prepare_mapillary",
-    "ego_objects": "prepare_datasets.prepare_ego_objects",
+    "reason_seg": ("prepare_datasets.prepare_reason_seg", "ReasonSegPrepareConfig"),
+    "refcoco": ("prepare_datasets.prepare_refcoco", "RefCocoPrepareConfig"),
+    "refclef": ("prepare_datasets.prepare_refclef", "RefClefPrepareConfig"),
+    "ade20k": ("prepare_datasets.prepare_ade20k", "Ade20kPrepareConfig"),
+    "coco2017": ("prepare_datasets.prepare_coco2017", "Coco2017PrepareConfig"),
+    "voc2010": ("prepare_datasets.prepare_voc2010", "Voc2010PrepareConfig"),
+    "mapillary": ("prepare_datasets.prepare_mapillary", "MapillaryPrepareConfig"),
+    "ego_objects": ("prepare_datasets.prepare_ego_objects", "EgoObjectsPrepareConfig"),
 }
 COLUMNS = (
     "images",
@@ -74,6 +76,13 @@ class ReportConfig:
     order: str = field(default="area", metadata={"choices": list(PROPOSAL_ORDERS)})
     limit: int = field(default=0, metadata={"help": "images per dataset (0: all)"})
     output: str = field(default="", metadata={"help": "JSON path (default: under sam_masks_dir)"})
+    prepare_args: str = field(
+        default="",
+        metadata={
+            "help": "flags for the datasets' prepare configs, e.g. '--splits val' "
+            "(flags a dataset does not know are ignored)"
+        },
+    )
 
 
 def greedy_union_iou(proposals: torch.Tensor, target: torch.Tensor) -> float:
@@ -84,7 +93,7 @@ def greedy_union_iou(proposals: torch.Tensor, target: torch.Tensor) -> float:
     """
     union = torch.zeros_like(target)
     best = 0.0
-    while True:
+    while len(proposals):
         gain_inside = proposals @ (target * (1 - union))
         gain_outside = proposals @ ((1 - union) * (1 - target))
         inter = (union * target).sum() + gain_inside
@@ -95,6 +104,7 @@ def greedy_union_iou(proposals: torch.Tensor, target: torch.Tensor) -> float:
             return best
         best = float(ious[k])
         union = torch.maximum(union, proposals[k])
+    return best
 
 
 @dataclass
@@ -158,17 +168,15 @@ def _add_image(totals: _Totals, target: TargetImage, reader: ProposalReader, con
 
 def report_dataset(name: str, config: ReportConfig) -> dict:
     """The report row of one dataset (see the module doc)."""
-    module = importlib.import_module(DATASETS[name])
-    config_cls = next(
-        obj
-        for obj in vars(module).values()
-        if isinstance(obj, type)
-        and obj.__name__.endswith("PrepareConfig")
-        and obj.__module__ == module.__name__
-    )
-    prepare_config = config_cls(
-        dataset_dir=config.dataset_dir, sam_masks_dir=config.sam_masks_dir, limit=config.limit
-    )
+    module_name, class_name = DATASETS[name]
+    module = importlib.import_module(module_name)
+    config_cls = getattr(module, class_name)
+    argv = shlex.split(config.prepare_args) + [
+        "--dataset_dir", config.dataset_dir, "--sam_masks_dir", config.sam_masks_dir,
+        "--limit", str(config.limit),
+    ]  # fmt: skip
+    namespace, _ = build_parser(config_cls).parse_known_args(argv)
+    prepare_config = config_cls(**vars(namespace))
     totals = _Totals()
     readers: dict[str, ProposalReader] = {}
     for target in module.iter_targets(prepare_config):

@@ -6,11 +6,11 @@ anywhere, with proposals that look like SAM-everything output on simple pictures
 shapes over textured backgrounds). It writes the same `ImageProposals`, hence the same store.
 
 How it works, deterministically:
-1. blur the image (so texture flattens into its mean colour) and quantise its colours with
-   k-means in Lab space (farthest-point initialisation, no randomness);
-2. clean the label map with a median filter, then split every colour into 8-connected regions;
-   regions larger than ``min_area_fraction`` of the image are *segments* (objects and pieces of
-   background alike);
+1. median-filter the image (texture flattens, borders stay sharp) and quantise its colours with
+   k-means in Lab space (farthest-point initialisation, no randomness), merging cluster centres
+   closer than ``merge_distance`` (k-means splits one noisy colour into several);
+2. split every colour into 8-connected regions; regions larger than ``min_area_fraction`` of the
+   image are *segments* (objects and pieces of background alike);
 3. emit every segment plus deliberate distractors, so picking the right proposal is not trivial:
    *parts* (each segment cut in two through its centroid across its longer side), *merges* (the
    union of two touching segments) and *filled* versions of segments with holes;
@@ -40,6 +40,8 @@ class WeightFreeSettings:
     """Knobs of the weight-free segmenter (defaults suit 128-1024 px synthetic scenes)."""
 
     num_colours: int = 8
+    median_kernel: int = 5
+    merge_distance: float = 20.0  # Lab units; centres closer than this are one colour
     min_area_fraction: float = 0.002
     max_proposals: int = 100
     max_merges: int = 24
@@ -53,13 +55,21 @@ def _nearest(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return ((centres**2).sum(1)[None, :] - 2.0 * points @ centres.T).argmin(1)
 
 
+def _merge_close(centres: np.ndarray, distance: float) -> np.ndarray:
+    """``(C,)`` group id per centre: centres closer than ``distance`` (transitively) share one."""
+    group = np.arange(len(centres))
+    close = ((centres[:, None] - centres[None]) ** 2).sum(-1) < distance**2
+    for _ in range(len(centres)):  # propagate the smallest id through chains of close centres
+        group = np.where(close, group[None, :], len(centres)).min(1)
+    return group
+
+
 def _quantise(image: np.ndarray, settings: WeightFreeSettings) -> np.ndarray:
-    """``(H, W)`` int label map of colour clusters (deterministic k-means in Lab)."""
+    """``(H, W)`` label map of colour groups (deterministic k-means in Lab)."""
     height, width = image.shape[:2]
-    # A Gaussian about 1/80 of the short side flattens fine texture into its mean colour; region
-    # borders stay where the colours meet, since pixels go to the nearest colour centre.
-    kernel = 2 * round(min(height, width) / 80) + 1
-    smooth = cv2.GaussianBlur(image, (kernel, kernel), 0) if kernel > 1 else image
+    # A median filter flattens fine texture but, unlike a blur, creates no in-between colours at
+    # object borders (which k-means would turn into rings around every object).
+    smooth = cv2.medianBlur(image, settings.median_kernel) if min(height, width) >= 8 else image
     lab = cv2.cvtColor(smooth, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float32)
     stride = max(1, len(lab) // settings.fit_pixels)
     sample = lab[::stride]
@@ -77,9 +87,9 @@ def _quantise(image: np.ndarray, settings: WeightFreeSettings) -> np.ndarray:
             members = sample[assign == c]
             if len(members):
                 centres[c] = members.mean(0)
-    labels = _nearest(lab, centres).astype(np.uint8)
-    labels = labels.reshape(height, width)
-    return cv2.medianBlur(labels, 5) if min(height, width) >= 5 else labels
+    # k-means always uses every centre, splitting one noisy colour into several: merge them.
+    groups = _merge_close(centres, settings.merge_distance)
+    return groups[_nearest(lab, centres)].reshape(height, width)
 
 
 def _segments(labels: np.ndarray, min_area: int) -> list[np.ndarray]:
