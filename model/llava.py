@@ -112,7 +112,12 @@ class LlavaBackbone(nn.Module):
         return self.projector(features.to(projector_dtype))
 
     def embed_inputs(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_index: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_index: torch.Tensor,
+        extra_embeddings: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image features written at the ``<image>`` positions.
 
@@ -122,9 +127,28 @@ class LlavaBackbone(nn.Module):
             pixel_values: ``(I, 3, S, S)``, one entry per distinct image in the batch.
             image_index: ``(B,)`` which image each row shows (several rows, i.e. several
                 conversations, may share one image, which is encoded once).
+            extra_embeddings: optional ``(N, hidden)`` vectors written, in row-major order, at
+                the ``N`` true positions of ``extra_mask`` (e.g. SegLLM's mask-encoding
+                placeholders), after the image features.
+            extra_mask: ``(B, L)`` bool placeholder positions for ``extra_embeddings``.
         Returns:
             ``(B, L, hidden)`` input embeddings.
         """
+        embeds = self._embed_images(input_ids, pixel_values, image_index)
+        if extra_embeddings is None and extra_mask is None:
+            return embeds
+        if extra_embeddings is None or extra_mask is None:
+            raise ValueError("extra_embeddings and extra_mask must be given together")
+        if int(extra_mask.sum()) != extra_embeddings.shape[0]:
+            raise ValueError(
+                f"extra_mask marks {int(extra_mask.sum())} positions but "
+                f"{extra_embeddings.shape[0]} extra embeddings were given"
+            )
+        return embeds.masked_scatter(extra_mask.unsqueeze(-1), extra_embeddings.to(embeds.dtype))
+
+    def _embed_images(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_index: torch.Tensor
+    ) -> torch.Tensor:
         embeds = self.language_model.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.image_token_id
         counts = image_mask.sum(dim=1)
@@ -147,6 +171,8 @@ class LlavaBackbone(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
         image_index: torch.Tensor | None = None,
+        extra_embeddings: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> LlavaOutput:
         """Run the language model over text with images inserted.
 
@@ -155,10 +181,13 @@ class LlavaBackbone(nn.Module):
             attention_mask: ``(B, L)``, 1 for real tokens.
             pixel_values: ``(I, 3, S, S)`` CLIP inputs.
             image_index: ``(B,)`` image of each row; defaults to ``arange(B)``.
+            extra_embeddings, extra_mask: optional extra input vectors, see :meth:`embed_inputs`.
         """
         if image_index is None:
             image_index = torch.arange(input_ids.shape[0], device=input_ids.device)
-        embeds = self.embed_inputs(input_ids, pixel_values, image_index)
+        embeds = self.embed_inputs(
+            input_ids, pixel_values, image_index, extra_embeddings, extra_mask
+        )
         outputs = self.language_model.model(
             inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
         )

@@ -7,6 +7,9 @@ LLaVA-1.5): one folder with ``config.json`` (LLaMA fields plus ``mm_vision_tower
 ``lm_head.*`` in sharded ``pytorch_model-*.bin`` files with an index, and the projector under
 ``model.mm_projector.*`` (one Linear in v1, ``0.*``/``2.*`` for 1.5's ``mlp2x_gelu``). The CLIP
 vision tower is a separate ``openai/clip-vit-large-patch14``-style folder (a full ``CLIPModel``).
+
+The ``transformers`` llava layout (``llava-hf/*``, ``LlavaForConditionalGeneration``) is read by
+:func:`load_llava_transformers`; :func:`load_llava` picks the right loader for a folder.
 """
 
 from __future__ import annotations
@@ -18,14 +21,24 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from safetensors import safe_open
+from transformers import (
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+)
 
 from model.llava import LlavaBackbone, build_projector
 from model.tokenizer import IMAGE_TOKEN, add_llm_seg_tokens, load_tokenizer
 from utils.checkpoint import (
     CheckpointError,
     load_state_dict,
+    load_state_dict_strict,
     quiet_transformers,
+    resolve_weight_files,
     save_state_dict,
 )
 
@@ -248,3 +261,239 @@ def save_llava_original(
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The ``transformers`` llava layout (``llava-hf/llava-1.5-7b-hf`` and models saved with
+# ``LlavaForConditionalGeneration.save_pretrained``): one folder holding everything, in one of
+# two key styles. v4 (transformers < 4.52, and what the hub's llava-hf repos hold):
+# ``language_model.model.*``, ``language_model.lm_head.*``, ``vision_tower.vision_model.*``,
+# ``multi_modal_projector.linear_{1,2}.*``. v5: ``model.language_model.*``, ``lm_head.*``,
+# ``model.vision_tower.vision_model.*``, ``model.multi_modal_projector.*``. The CLIP tower's
+# ``vision_model.`` level is optional in both (newer transformers drop it).
+# ---------------------------------------------------------------------------------------------
+
+_TEXT_KEY_MAPPING = {
+    r"^language_model\.model\.": "model.",
+    r"^model\.language_model\.": "model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+}
+_VISION_KEY_MAPPING = {r"^(model\.)?vision_tower\.(vision_model\.)?": ""}
+_VISION_OR_PROJECTOR = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
+_TEXT_OR_PROJECTOR = re.compile(
+    r"^(language_model\.|model\.language_model\.|lm_head\.|(model\.)?multi_modal_projector\.)"
+)
+_HF_PROJECTOR_KEY = re.compile(r"^(model\.)?multi_modal_projector\.linear_([12])\.(weight|bias)$")
+_SELECT_STRATEGIES = {"default": "patch", "full": "cls_patch"}
+
+
+def detect_llava_layout(folder: str | os.PathLike) -> str:
+    """``original`` (LLaVA's own repo: v1, 1.5) or ``transformers`` (``LlavaForConditional...``)."""
+    raw = read_llava_config(folder)
+    if "text_config" in raw and "vision_config" in raw:
+        return "transformers"
+    if "mm_hidden_size" in raw:
+        return "original"
+    raise CheckpointError(
+        f"{folder}/config.json is neither an original LLaVA config (no mm_hidden_size) nor a "
+        "transformers llava config (no text_config/vision_config)"
+    )
+
+
+def _read_tensors(folder: Path, pattern: re.Pattern) -> dict[str, torch.Tensor]:
+    """Only the tensors whose names match ``pattern``, reading as few files as possible."""
+    state: dict[str, torch.Tensor] = {}
+    for file in resolve_weight_files(folder):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    if pattern.match(key):
+                        state[key] = handle.get_tensor(key)
+        else:
+            state.update({k: v for k, v in load_state_dict(file).items() if pattern.match(k)})
+    return state
+
+
+def _load_hf_projector(folder: Path, config: LlavaConfig) -> torch.nn.Module:
+    if config.projector_hidden_act != "gelu" or not getattr(
+        config, "multimodal_projector_bias", True
+    ):
+        raise CheckpointError(
+            f"{folder}: only the LLaVA-1.5 projector (Linear-GELU-Linear with bias) is supported, "
+            f"got act={config.projector_hidden_act!r}"
+        )
+    projector = build_projector(
+        "mlp2x_gelu", config.vision_config.hidden_size, config.text_config.hidden_size
+    )
+    found = _read_tensors(folder, re.compile(r"^(model\.)?multi_modal_projector\."))
+    state, unexpected = {}, []
+    for key, value in found.items():
+        match = _HF_PROJECTOR_KEY.match(key)
+        if match is None:
+            unexpected.append(key)
+        else:
+            state[f"{2 * (int(match.group(2)) - 1)}.{match.group(3)}"] = value
+    if unexpected:
+        raise CheckpointError(f"{folder}: unexpected keys: {sorted(unexpected)[:10]}")
+    missing = sorted(set(projector.state_dict()) - set(state))
+    if missing:
+        names = [f"multi_modal_projector.linear_{int(k[0]) // 2 + 1}{k[1:]}" for k in missing]
+        raise CheckpointError(f"{folder}: missing keys: {names}")
+    load_state_dict_strict(projector, state, folder)
+    return projector
+
+
+def load_llava_transformers(
+    folder: str | os.PathLike,
+    vision_tower: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    model_max_length: int = 512,
+):
+    """Load a ``transformers`` llava folder (either key style) into a :class:`LlavaBackbone`.
+
+    The LLaMA and CLIP halves are read by ``from_pretrained`` with explicit key mappings; every
+    tensor must be claimed by exactly one half or the projector, otherwise a
+    :class:`CheckpointError` names it. Only LLaMA text models with a CLIP vision tower are
+    supported (LLaVA-1.5 / LISA / LLM-Seg); ``vision_tower`` is unused because the tower's
+    weights are inside the folder.
+
+    Returns:
+        ``(backbone, tokenizer, raw_config)`` as :func:`load_llava_original`.
+    """
+    folder = Path(folder)
+    raw = read_llava_config(folder)
+    config = LlavaConfig.from_pretrained(folder, local_files_only=True)
+    if config.text_config.model_type != "llama" or not isinstance(
+        config.vision_config, CLIPVisionConfig
+    ):
+        raise CheckpointError(
+            f"{folder}: only LLaMA + CLIP llava checkpoints are supported, got "
+            f"{config.text_config.model_type} + {config.vision_config.model_type}"
+        )
+    if not isinstance(config.vision_feature_layer, int):
+        raise CheckpointError(
+            f"{folder}: vision_feature_layer {config.vision_feature_layer} (several layers) is "
+            "not supported"
+        )
+    strategy = config.vision_feature_select_strategy
+    if strategy not in _SELECT_STRATEGIES:
+        raise CheckpointError(f"{folder}: unknown vision_feature_select_strategy {strategy!r}")
+    if vision_tower is not None:
+        logger.info("%s holds its own vision tower; ignoring vision_tower=%s", folder, vision_tower)
+
+    with quiet_transformers():
+        language_model, info = LlamaForCausalLM.from_pretrained(
+            folder,
+            config=config.text_config,
+            key_mapping=_TEXT_KEY_MAPPING,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            local_files_only=True,
+        )
+        _check_loading_info(info, folder, _VISION_OR_PROJECTOR)
+        tower, info = CLIPVisionModel.from_pretrained(
+            folder,
+            config=config.vision_config,
+            key_mapping=_VISION_KEY_MAPPING,
+            dtype=dtype,
+            output_loading_info=True,
+            local_files_only=True,
+        )
+        _check_loading_info(info, folder, _TEXT_OR_PROJECTOR)
+    projector = _load_hf_projector(folder, config).to(dtype)
+
+    tokenizer = load_tokenizer(str(folder), model_max_length=model_max_length)
+    add_llm_seg_tokens(tokenizer, use_im_start_end=False)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_token_id != config.image_token_id:
+        raise CheckpointError(
+            f"{folder}: the tokenizer's {IMAGE_TOKEN} id {image_token_id} differs from the "
+            f"config's image_token_id {config.image_token_id}"
+        )
+    if len(tokenizer) > language_model.config.vocab_size:
+        language_model.resize_token_embeddings(len(tokenizer))
+    backbone = LlavaBackbone(
+        language_model,
+        tower.eval(),
+        projector,
+        image_token_id=image_token_id,
+        vision_select_layer=config.vision_feature_layer,
+        vision_select_feature=_SELECT_STRATEGIES[strategy],
+    )
+    return backbone, tokenizer, raw
+
+
+def save_llava_transformers(
+    folder: str | os.PathLike, backbone: LlavaBackbone, tokenizer, key_style: str = "v5"
+) -> Path:
+    """Write a LLaVA-1.5-style ``backbone`` in the ``transformers`` llava layout.
+
+    Args:
+        folder: output folder (``config.json``, ``model.safetensors``, tokenizer files).
+        backbone: must use the ``mlp2x_gelu`` projector.
+        tokenizer: saved beside the weights; must hold ``<image>``.
+        key_style: ``v4`` (``language_model.model.*``, ``vision_tower.vision_model.*``) or
+            ``v5`` (``model.language_model.*``, ``model.vision_tower.vision_model.*``).
+    """
+    if key_style not in ("v4", "v5"):
+        raise ValueError(f"key_style must be 'v4' or 'v5', got {key_style!r}")
+    if not isinstance(backbone.projector, torch.nn.Sequential):
+        raise ValueError("the transformers llava layout needs the mlp2x_gelu projector")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    strategy = {v: k for k, v in _SELECT_STRATEGIES.items()}[backbone.vision_select_feature]
+    config = LlavaConfig(
+        text_config=backbone.language_model.config.to_dict(),
+        vision_config=backbone.vision_tower.config.to_dict(),
+        image_token_id=backbone.image_token_id,
+        vision_feature_layer=backbone.vision_select_layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
+        image_seq_length=backbone.num_image_tokens,
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.save_pretrained(folder)
+    base = "" if key_style == "v4" else "model."
+    text = "language_model.model." if key_style == "v4" else "model.language_model."
+    head = "language_model.lm_head." if key_style == "v4" else "lm_head."
+    state = {}
+    for key, value in backbone.language_model.state_dict().items():
+        if key.startswith("lm_head."):
+            state[head + key.removeprefix("lm_head.")] = value
+        else:
+            state[text + key.removeprefix("model.")] = value
+    for key, value in backbone.vision_tower.state_dict().items():
+        state[f"{base}vision_tower.vision_model.{key}"] = value
+    for key, value in backbone.projector.state_dict().items():
+        state[f"{base}multi_modal_projector.linear_{int(key[0]) // 2 + 1}{key[1:]}"] = value
+    save_state_dict(state, folder / "model.safetensors")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_llava(
+    folder: str | os.PathLike,
+    vision_tower: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    model_max_length: int = 512,
+):
+    """Load any supported LLaVA folder, detecting its layout (see :func:`detect_llava_layout`).
+
+    Args:
+        folder: LLaVA-v1 (``LLaVA-Lightning-7B-v1``), LLaVA-1.5 (original repo) or a
+            ``transformers`` llava folder.
+        vision_tower: local CLIP folder for the original layout (overrides ``mm_vision_tower``,
+            upstream's ``--vision-tower``); ignored by the self-contained transformers layout.
+        dtype, attn_implementation, model_max_length: as :func:`load_llava_original`.
+    Returns:
+        ``(backbone, tokenizer, raw_config)``.
+    """
+    if detect_llava_layout(folder) == "transformers":
+        return load_llava_transformers(
+            folder, vision_tower, dtype, attn_implementation, model_max_length
+        )
+    return load_llava_original(folder, vision_tower, dtype, attn_implementation, model_max_length)

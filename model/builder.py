@@ -1,0 +1,239 @@
+"""Building LLM-Seg from local checkpoint folders, and preparing it for training.
+
+``build_llm_seg`` loads LLaVA (any supported layout), the CLIP tower and DINOv2 from local paths
+(nothing touches the network) and creates the freshly initialised text projection and proposal
+scorer. ``setup_trainable`` reproduces upstream's training set-up: LoRA (r 8, alpha 16, dropout
+0.05) on the *language model's* ``q_proj``/``v_proj`` only (the scorer's attention layers have the
+same names and must not get LoRA), ``embed_tokens``/``lm_head``/text projection/scorer fully
+trainable, CLIP, projector and DINOv2 frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+
+from model.dinov2 import DINOV2_ARCHS, load_dinov2
+from model.features import DEFAULT_DINO_IMAGE_SIZE, DinoFeatureExtractor
+from model.llava_checkpoint import load_llava
+from model.llm_seg import LLMSegModel
+from model.losses import LossConfig
+from model.proposal_scorer import ProposalScorer, ProposalScorerConfig
+from model.tiny import TinyCheckpoints
+from model.tokenizer import SEG_TOKEN
+from utils.device import PRECISIONS, attention_implementation, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+# Upstream spellings an entry point may accept too (``utils.config.parse_config(aliases=...)``).
+CONFIG_ALIASES = {"iop_loss_weight": ["--regression_loss_weight", "--regression-loss-weight"]}
+
+
+@dataclass
+class LLMSegConfig:
+    """Where LLM-Seg's weights come from and how it is sized, trained and weighted."""
+
+    version: str = field(
+        default="",
+        metadata={"help": "local LLaVA folder: LLaVA-Lightning-7B-v1, LLaVA-1.5 or llava-hf"},
+    )
+    vision_tower: str = field(
+        default="",
+        metadata={"help": "local CLIP folder (default: the LLaVA config's mm_vision_tower)"},
+    )
+    dinov2: str = field(
+        default="",
+        metadata={"help": "facebook/dinov2-large folder or hub dinov2_vitl14_pretrain.pth"},
+    )
+    dinov2_arch: str = field(
+        default="",
+        metadata={
+            "help": "hub .pth architecture (default: inferred)",
+            "choices": ["", *DINOV2_ARCHS],
+        },
+    )
+    dino_image_size: int = field(
+        default=DEFAULT_DINO_IMAGE_SIZE, metadata={"help": "DINOv2 input side (pad target)"}
+    )
+    out_dim: int = field(default=256, metadata={"help": "[SEG] embedding / scorer width"})
+    scorer_heads: int = field(default=8, metadata={"help": "scorer attention heads"})
+    scorer_mlp_dim: int = field(default=2048, metadata={"help": "scorer block MLP width"})
+    scorer_depth: int = field(default=2, metadata={"help": "scorer two-way blocks"})
+    proposal_map_size: int = field(
+        default=256, metadata={"help": "side of the proposal weight maps fed to the scorer"}
+    )
+    model_max_length: int = field(default=512, metadata={"help": "tokenizer length limit"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (0 disables LoRA)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(
+        default="q_proj,v_proj", metadata={"help": "comma-separated LLM linear layer names"}
+    )
+    ce_loss_weight: float = field(default=1.0, metadata={"help": "LM cross-entropy weight"})
+    align_loss_weight: float = field(default=1.0, metadata={"help": "alignment (KL) weight"})
+    iop_loss_weight: float = field(
+        default=1.0, metadata={"help": "IoP regression weight (upstream regression_loss_weight)"}
+    )
+    align_temperature: float = field(default=0.05, metadata={"help": "alignment temperature"})
+    iop_loss_scale: float = field(default=50.0, metadata={"help": "IoP regression scale"})
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "recompute LLM activations in backward"}
+    )
+    precision: str = field(
+        default="bf16", metadata={"help": "parameter dtype", "choices": list(PRECISIONS)}
+    )
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(
+            ce_weight=self.ce_loss_weight,
+            align_weight=self.align_loss_weight,
+            iop_weight=self.iop_loss_weight,
+            temperature=self.align_temperature,
+            iop_scale=self.iop_loss_scale,
+        )
+
+    def scorer_config(self, feature_dim: int) -> ProposalScorerConfig:
+        return ProposalScorerConfig(
+            feature_dim=feature_dim,
+            embed_dim=self.out_dim,
+            num_heads=self.scorer_heads,
+            mlp_dim=self.scorer_mlp_dim,
+            depth=self.scorer_depth,
+            map_size=self.proposal_map_size,
+        )
+
+
+def build_llm_seg(
+    config: LLMSegConfig,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+):
+    """Load and assemble LLM-Seg from local files.
+
+    Args:
+        config: paths and sizes.
+        device: where the model goes.
+        dtype: parameter dtype; defaults to ``config.precision``.
+    Returns:
+        ``(model, tokenizer)``: an :class:`~model.llm_seg.LLMSegModel` in eval mode with every
+        parameter trainable (call :func:`setup_trainable` for training), and the tokenizer
+        holding ``[SEG]`` and ``<image>``.
+    """
+    for name in ("version", "dinov2"):
+        if not getattr(config, name):
+            raise ValueError(f"LLMSegConfig.{name} is required: a local checkpoint path")
+    device = torch.device(device)
+    dtype = dtype or resolve_dtype(config.precision)
+    backbone, tokenizer, _ = load_llava(
+        config.version,
+        vision_tower=config.vision_tower or None,
+        dtype=dtype,
+        attn_implementation=attention_implementation(device, dtype),
+        model_max_length=config.model_max_length,
+    )
+    dino = DinoFeatureExtractor(load_dinov2(config.dinov2, dtype, arch=config.dinov2_arch or None))
+    grid = dino.grid_size(config.dino_image_size)
+    scorer = ProposalScorer(config.scorer_config(dino.feature_dim))
+    model = LLMSegModel(
+        backbone,
+        dino,
+        scorer,
+        seg_token_id=tokenizer.convert_tokens_to_ids(SEG_TOKEN),
+        loss_config=config.loss_config(),
+    )
+    model.text_projection.to(dtype)
+    model.proposal_scorer.to(dtype)
+    logger.info(
+        "LLM-Seg: %d image tokens, [SEG] id %d, DINOv2 %dx%d grid of %d-d features",
+        model.num_image_tokens,
+        model.seg_token_id,
+        grid,
+        grid,
+        dino.feature_dim,
+    )
+    return model.to(device).eval(), tokenizer
+
+
+def setup_trainable(model: LLMSegModel, config: LLMSegConfig) -> LLMSegModel:
+    """Upstream's training set-up, in place: LoRA + trainable heads, frozen encoders.
+
+    * LoRA (``config.lora_*``) on the language model's ``q_proj``/``v_proj`` only.
+    * Fully trainable: ``embed_tokens``, ``lm_head``, ``text_projection``, ``proposal_scorer``.
+    * Frozen: everything else (LLM base weights, CLIP, projector, DINOv2).
+    * Gradient checkpointing as ``config.gradient_checkpointing``.
+
+    Returns:
+        ``model`` (for chaining).
+    """
+    model.requires_grad_(False)
+    language_model = model.backbone.language_model
+    if config.lora_r > 0:
+        if any(isinstance(m, LoraLayer) for m in language_model.modules()):
+            raise RuntimeError("LoRA is already applied to this model")
+        targets = [name.strip() for name in config.lora_target_modules.split(",") if name.strip()]
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=targets,
+            bias="none",
+        )
+        # Injected into the language model only, so CLIP's and the scorer's q_proj/v_proj stay
+        # plain (upstream needed an exclusion list for the same effect).
+        inject_adapter_in_model(lora, language_model)
+        for name, parameter in language_model.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+    language_model.get_input_embeddings().requires_grad_(True)
+    language_model.get_output_embeddings().requires_grad_(True)
+    model.text_projection.requires_grad_(True)
+    model.proposal_scorer.requires_grad_(True)
+    model.set_gradient_checkpointing(config.gradient_checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total
+    )
+    return model
+
+
+def merge_lora_weights(model: torch.nn.Module) -> int:
+    """Fold every LoRA adapter into its base ``nn.Linear`` and remove the adapter (for export).
+
+    Returns:
+        how many layers were merged.
+    """
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+            merged += 1
+    return merged
+
+
+def tiny_llm_seg_config(checkpoints: TinyCheckpoints, **overrides) -> LLMSegConfig:
+    """An :class:`LLMSegConfig` for :func:`model.tiny.write_tiny_checkpoints` output.
+
+    Small scorer (32-d, 4 heads), 32x32 proposal maps, DINOv2 input 112 (an 8x8 grid), fp32, no
+    gradient checkpointing: a full training step runs in well under a second on a CPU.
+    """
+    config = LLMSegConfig(
+        version=os.fspath(checkpoints.llava),
+        vision_tower=os.fspath(checkpoints.clip),
+        dinov2=os.fspath(checkpoints.dinov2),
+        dino_image_size=112,
+        out_dim=32,
+        scorer_heads=4,
+        scorer_mlp_dim=64,
+        proposal_map_size=32,
+        precision="fp32",
+        gradient_checkpointing=False,
+    )
+    return dataclasses.replace(config, **overrides)

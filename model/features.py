@@ -1,0 +1,102 @@
+"""Frozen DINOv2 patch features: the image side of the proposal scorer.
+
+Upstream LLM-Seg resizes the image so its longest side is 896, normalises it with the ImageNet
+mean/std on the 0-255 scale, zero-pads it bottom/right to 896 x 896 and keeps DINOv2's normalised
+patch tokens as a ``(1024, 64, 64)`` grid. Here the grid size is derived from the input size and
+the patch size (``896 / 14 = 64``), so any DINOv2 and any input size that is a multiple of the
+patch size work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+from transformers import Dinov2Model
+
+# ImageNet statistics on the 0-255 scale, as upstream (and SAM) use them.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+DEFAULT_DINO_IMAGE_SIZE = 896
+
+
+def preprocess_for_dinov2(
+    image: np.ndarray, size: int = DEFAULT_DINO_IMAGE_SIZE
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize, normalise and pad one RGB image for DINOv2.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        size: output side; the longest image side is resized to it (SAM's ``ResizeLongestSide``
+            rule and resampling), the rest is zero-padded bottom/right after normalisation.
+    Returns:
+        ``(pixels, (h, w))``: ``(3, size, size)`` float32 and the resized image's size inside it.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}"
+        )
+    resized = ResizeLongestSide(size).apply_image(image)
+    height, width = resized.shape[:2]
+    pixels = torch.from_numpy(resized).permute(2, 0, 1).float()
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    padded = torch.zeros(3, size, size)
+    padded[:, :height, :width] = (pixels - mean) / std
+    return padded, (height, width)
+
+
+class DinoFeatureExtractor(nn.Module):
+    """A frozen ``Dinov2Model`` returning its normalised patch tokens as a spatial grid.
+
+    The wrapped model never trains: its parameters are frozen, it stays in eval mode whatever
+    ``train()`` is called with, and the forward pass runs under ``no_grad``.
+    """
+
+    def __init__(self, dinov2: Dinov2Model) -> None:
+        super().__init__()
+        self.dinov2 = dinov2.eval()
+        self.dinov2.requires_grad_(False)
+
+    @property
+    def patch_size(self) -> int:
+        return self.dinov2.config.patch_size
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the feature grid (1024 for ViT-L/14)."""
+        return self.dinov2.config.hidden_size
+
+    def grid_size(self, image_size: int) -> int:
+        """Side of the feature grid for a square input of ``image_size`` pixels."""
+        if image_size % self.patch_size:
+            raise ValueError(
+                f"DINOv2 input size {image_size} is not a multiple of the patch size "
+                f"{self.patch_size}"
+            )
+        return image_size // self.patch_size
+
+    def train(self, mode: bool = True) -> DinoFeatureExtractor:
+        # Frozen feature extractor: keep dropout/drop-path off even when the model trains.
+        super().train(mode)
+        self.dinov2.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch features of square, preprocessed images.
+
+        Args:
+            pixels: ``(I, 3, D, D)`` from :func:`preprocess_for_dinov2`.
+        Returns:
+            ``(I, C, G, G)`` with ``C`` the DINOv2 width and ``G = D / patch_size``, in the
+            DINOv2 parameters' dtype.
+        """
+        if pixels.ndim != 4 or pixels.shape[2] != pixels.shape[3]:
+            raise ValueError(f"expected (I, 3, D, D) square inputs, got {tuple(pixels.shape)}")
+        grid = self.grid_size(pixels.shape[-1])
+        dtype = self.dinov2.embeddings.patch_embeddings.projection.weight.dtype
+        tokens = self.dinov2(pixel_values=pixels.to(dtype)).last_hidden_state
+        patches = tokens[:, 1:]  # drop CLS: upstream's x_norm_patchtokens
+        return patches.transpose(1, 2).reshape(pixels.shape[0], -1, grid, grid)

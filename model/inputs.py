@@ -1,0 +1,138 @@
+"""The typed batch the data pipeline hands to :class:`model.llm_seg.LLMSegModel`.
+
+A batch holds ``B`` conversation rows showing ``I`` distinct images (several rows may share one
+image, which is then encoded once). Each image brings its own ``K_i`` mask proposals and, for
+training, one row of IoU/IoP targets per ``[SEG]`` token that its rows contain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class LLMSegBatch:
+    """One training or evaluation batch.
+
+    Attributes:
+        input_ids: ``(B, L)`` long; ``<image>`` already expanded to ``num_image_tokens`` ids.
+        attention_mask: ``(B, L)``, 1 for real tokens.
+        labels: ``(B, L)`` long, ``-100`` where there is no LM loss (instruction, padding,
+            image); ``None`` for scoring without a language-model loss.
+        clip_pixels: ``(I, 3, S, S)`` CLIP-preprocessed, one per distinct image.
+        dino_pixels: ``(I, 3, D, D)`` ImageNet-normalised, ResizeLongestSide(D) + zero pad.
+        image_index: ``(B,)`` long: which image each conversation row shows.
+        proposal_masks: ``I`` tensors ``(K_i, M, M)``, float weight maps in ``[0, 1]``
+            (``M = 256``); ``K_i`` may be 0.
+        proposal_ious: ``I`` tensors ``(R_i, K_i)``: IoU of every proposal with each target,
+            where ``R_i`` is the number of ``[SEG]`` tokens in image ``i``'s rows, ordered by
+            row then position. ``None`` when scoring without targets.
+        proposal_iops: ``I`` tensors ``(R_i, K_i)``: ``|P ∩ G| / |P|``; ``None`` likewise.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    clip_pixels: torch.Tensor
+    dino_pixels: torch.Tensor
+    image_index: torch.Tensor
+    proposal_masks: list[torch.Tensor]
+    proposal_ious: list[torch.Tensor] | None = None
+    proposal_iops: list[torch.Tensor] | None = None
+
+    @property
+    def num_images(self) -> int:
+        return self.clip_pixels.shape[0]
+
+    @property
+    def has_targets(self) -> bool:
+        return self.proposal_ious is not None and self.proposal_iops is not None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LLMSegBatch:
+        """Move every tensor to ``device``; cast pixels and proposal maps to ``dtype``.
+
+        IoU/IoP targets stay fp32 whatever ``dtype`` is: the losses are computed in fp32 and
+        bf16 would round the targets to 2-3 significant digits (x20 by the temperature).
+        """
+
+        def move(value, cast: bool):
+            if isinstance(value, list):
+                return [move(v, cast) for v in value]
+            if not isinstance(value, torch.Tensor):
+                return value
+            if cast and dtype is not None and value.is_floating_point():
+                return value.to(device=device, dtype=dtype)
+            return value.to(device=device)
+
+        keep_fp32 = {"proposal_ious", "proposal_iops"}
+        return LLMSegBatch(
+            **{f.name: move(getattr(self, f.name), f.name not in keep_fp32) for f in fields(self)}
+        )
+
+    def seg_counts(self, seg_token_id: int) -> list[int]:
+        """``R_i``: the number of ``[SEG]`` tokens (in attended positions) per image."""
+        seg = (self.input_ids == seg_token_id) & self.attention_mask.bool()
+        per_row = seg.sum(dim=1)
+        counts = torch.zeros(self.num_images, dtype=torch.long, device=per_row.device)
+        counts.index_add_(0, self.image_index, per_row)
+        return counts.tolist()
+
+    def validate(self, seg_token_id: int) -> list[int]:
+        """Check every shape and count; return ``R_i`` per image.
+
+        Raises:
+            ValueError: naming the field (and image) that is inconsistent.
+        """
+        if self.input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (B, L), got {tuple(self.input_ids.shape)}")
+        shape = tuple(self.input_ids.shape)
+        for name in ("attention_mask", "labels"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"{name} is {tuple(value.shape)} but input_ids is {shape}")
+        if tuple(self.image_index.shape) != shape[:1]:
+            raise ValueError(
+                f"image_index is {tuple(self.image_index.shape)}; expected ({shape[0]},)"
+            )
+        num_images = self.num_images
+        if self.dino_pixels.shape[0] != num_images:
+            raise ValueError(
+                f"dino_pixels holds {self.dino_pixels.shape[0]} images but clip_pixels {num_images}"
+            )
+        if shape[0] and (self.image_index.min() < 0 or self.image_index.max() >= num_images):
+            raise ValueError(
+                f"image_index {self.image_index.tolist()} points outside the {num_images} images"
+            )
+        if len(self.proposal_masks) != num_images:
+            raise ValueError(
+                f"proposal_masks has {len(self.proposal_masks)} entries for {num_images} images"
+            )
+        counts = self.seg_counts(seg_token_id)
+        for i, masks in enumerate(self.proposal_masks):
+            if masks.ndim != 3 or masks.shape[1] != masks.shape[2]:
+                raise ValueError(
+                    f"image {i}: proposal_masks must be (K, M, M), got {tuple(masks.shape)}"
+                )
+        if self.has_targets:
+            for name in ("proposal_ious", "proposal_iops"):
+                targets = getattr(self, name)
+                if len(targets) != num_images:
+                    raise ValueError(f"{name} has {len(targets)} entries for {num_images} images")
+                for i, (target, masks) in enumerate(zip(targets, self.proposal_masks)):
+                    if target.ndim != 2:
+                        raise ValueError(
+                            f"image {i}: {name} must be (R, K), got {tuple(target.shape)}"
+                        )
+                    if target.shape[0] != counts[i]:
+                        raise ValueError(
+                            f"image {i} has {counts[i]} [SEG] tokens but {name} has "
+                            f"{target.shape[0]} rows"
+                        )
+                    if target.shape[1] != masks.shape[0]:
+                        raise ValueError(
+                            f"image {i} has {masks.shape[0]} proposals but {name} has "
+                            f"{target.shape[1]} columns"
+                        )
+        return counts

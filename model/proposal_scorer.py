@@ -1,0 +1,202 @@
+"""The proposal scorer: which SAM mask proposals does a ``[SEG]`` embedding point at?
+
+For one image with ``K`` proposals and ``R`` ``[SEG]`` tokens:
+
+1. DINOv2 patch features ``(C, G, G)`` go through a 1x1 conv to ``E = 256`` channels and are
+   bilinearly upsampled (in fp32) to the proposal map size ``M = 256``.
+2. Each proposal's soft weight map ``(M, M)`` averages those features into one ``E``-vector
+   (mask-average pooling), giving ``(K, E)``.
+3. A small two-way transformer lets the proposals (queries, expanded to ``(R, K, E)``) attend to
+   each other and to their ``[SEG]`` embedding (one key per round, ``(R, 1, E)``), and lets the
+   ``[SEG]`` token attend back to the proposals. It is SAM's ``TwoWayAttentionBlock`` without
+   positional encodings and without attention downsampling; the blocks are post-norm.
+4. A final proposals -> ``[SEG]`` attention with a residual and LayerNorm, then two heads: the
+   IoP head (sigmoid, "how much of this proposal lies inside the target") and the embedding head,
+   whose output is compared by cosine with the *original* ``[SEG]`` embedding.
+
+The parameter structure is exactly upstream's, so its checkpoints map name for name:
+
+=================================================  =========================================
+upstream (``model.model.*``)                       here (``ProposalScorer``)
+=================================================  =========================================
+``lisa_dino_conv``                                 ``feature_proj``
+``lisa_attention_layers.{i}.self_attn``            ``blocks.{i}.self_attn``
+``lisa_attention_layers.{i}.cross_attn_token_to_image``  ``blocks.{i}.cross_attn_token_to_image``
+``lisa_attention_layers.{i}.cross_attn_image_to_token``  ``blocks.{i}.cross_attn_image_to_token``
+``lisa_attention_layers.{i}.mlp.lin1`` / ``lin2``  ``blocks.{i}.mlp.lin1`` / ``lin2``
+``lisa_attention_layers.{i}.norm1`` .. ``norm4``   ``blocks.{i}.norm1`` .. ``norm4``
+``lisa_final_attn``                                ``final_attn``
+``lisa_norm_final_attn``                           ``final_norm``
+``lisa_iou_head`` (``0``, ``2``)                   ``iop_head`` (``0``, ``2``)
+``lisa_embedding_head`` (``0``, ``2``)             ``embedding_head`` (``0``, ``2``)
+``text_hidden_fcs.0`` (``0``, ``2``)               ``LLMSegModel.text_projection`` (``0``, ``2``)
+=================================================  =========================================
+
+Every attention is ``segment_anything``'s ``Attention`` (``q_proj``/``k_proj``/``v_proj``/
+``out_proj``), which is why LoRA must be restricted to the language model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
+from torch import nn
+
+
+@dataclass
+class ProposalScorerConfig:
+    """Sizes of the proposal scorer; defaults are upstream's (DINOv2 ViT-L/14 features)."""
+
+    feature_dim: int = 1024  # DINOv2 width; taken from the DINOv2 config when building
+    embed_dim: int = 256  # also the [SEG] text-projection output size
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    depth: int = 2
+    iop_hidden_dim: int = 128
+    embedding_hidden_dim: int = 2048
+    map_size: int = 256  # side of the proposal weight maps and the upsampled features
+    pool_eps: float = 1e-8  # guards empty proposals in the mask-average pooling
+
+
+@dataclass
+class ProposalScores:
+    """The scorer's verdict on one image's proposals, one row per ``[SEG]`` (round).
+
+    Attributes:
+        similarity: ``(R, K)`` fp32 cosine between each proposal embedding and the ``[SEG]``
+            embedding (the alignment loss and ``argmax`` selection use it).
+        iop: ``(R, K)`` fp32 IoP-head output in ``[0, 1]``.
+        proposal_embeddings: ``(R, K, E)`` embedding-head output.
+    """
+
+    similarity: torch.Tensor
+    iop: torch.Tensor
+    proposal_embeddings: torch.Tensor
+
+
+class ProposalScorer(nn.Module):
+    """Scores mask proposals against ``[SEG]`` embeddings (see the module docstring)."""
+
+    def __init__(self, config: ProposalScorerConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.embed_dim
+        self.feature_proj = nn.Conv2d(config.feature_dim, dim, kernel_size=1)
+        self.blocks = nn.ModuleList(
+            TwoWayAttentionBlock(
+                embedding_dim=dim,
+                num_heads=config.num_heads,
+                mlp_dim=config.mlp_dim,
+                activation=nn.ReLU,
+                attention_downsample_rate=1,
+                skip_first_layer_pe=False,
+            )
+            for _ in range(config.depth)
+        )
+        self.final_attn = Attention(dim, config.num_heads, downsample_rate=1)
+        self.final_norm = nn.LayerNorm(dim)
+        self.iop_head = nn.Sequential(
+            nn.Linear(dim, config.iop_hidden_dim),
+            nn.ReLU(),
+            nn.Linear(config.iop_hidden_dim, 1),
+            nn.Sigmoid(),
+        )
+        self.embedding_head = nn.Sequential(
+            nn.Linear(dim, config.embedding_hidden_dim),
+            nn.ReLU(),
+            nn.Linear(config.embedding_hidden_dim, dim),
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.feature_proj.weight.dtype
+
+    def project_features(self, dino_features: torch.Tensor) -> torch.Tensor:
+        """1x1 conv to ``E`` channels, then bilinear upsampling to the proposal map size.
+
+        Args:
+            dino_features: ``(I, C, G, G)`` DINOv2 patch grids.
+        Returns:
+            ``(I, E, M, M)`` float32 (upsampling and pooling run in fp32: upstream's 1e-8 guard
+            and 65k-pixel sums are not safe in bf16).
+        """
+        projected = self.feature_proj(dino_features.to(self.dtype))
+        size = (self.config.map_size, self.config.map_size)
+        return F.interpolate(projected.float(), size=size, mode="bilinear", align_corners=False)
+
+    def pool(self, feature_map: torch.Tensor, proposal_masks: torch.Tensor) -> torch.Tensor:
+        """Mask-average pooling: ``f_k = sum_p w_k(p) F(p) / (sum_p w_k(p) + eps)``.
+
+        Args:
+            feature_map: ``(E, M, M)`` from :meth:`project_features`.
+            proposal_masks: ``(K, M, M)`` weight maps in ``[0, 1]``; an all-zero map pools to 0.
+        Returns:
+            ``(K, E)`` float32.
+        """
+        if proposal_masks.shape[-2:] != feature_map.shape[-2:]:
+            raise ValueError(
+                f"proposal maps are {tuple(proposal_masks.shape[-2:])} but the scorer pools at "
+                f"{tuple(feature_map.shape[-2:])} (ProposalScorerConfig.map_size)"
+            )
+        weights = proposal_masks.flatten(1).float()  # (K, M*M)
+        pooled = weights @ feature_map.flatten(1).float().T  # (K, E)
+        return pooled / (weights.sum(dim=1, keepdim=True) + self.config.pool_eps)
+
+    def score(self, pooled: torch.Tensor, seg_embeddings: torch.Tensor) -> ProposalScores:
+        """Run the selection transformer and both heads.
+
+        Args:
+            pooled: ``(K, E)`` pooled proposal features.
+            seg_embeddings: ``(R, E)`` projected ``[SEG]`` hidden states.
+        Returns:
+            :class:`ProposalScores` with ``(R, K)`` similarity and IoP.
+        """
+        num_rounds, num_proposals = seg_embeddings.shape[0], pooled.shape[0]
+        if num_rounds == 0 or num_proposals == 0:
+            # Nothing to compare; empty scores (still connected to the graph for the losses).
+            empty = seg_embeddings.float().sum() * 0 + pooled.float().sum() * 0
+            zeros = empty.expand(num_rounds, num_proposals)
+            embeddings = empty.expand(num_rounds, num_proposals, self.config.embed_dim)
+            return ProposalScores(similarity=zeros, iop=zeros, proposal_embeddings=embeddings)
+        text = seg_embeddings.to(self.dtype).unsqueeze(1)  # (R, 1, E)
+        queries = pooled.to(self.dtype).unsqueeze(0).expand(num_rounds, -1, -1)  # (R, K, E)
+        keys = text
+        no_position = queries.new_zeros(())  # the scorer uses no positional encodings
+        for block in self.blocks:
+            queries, keys = block(queries, keys, query_pe=no_position, key_pe=no_position)
+        queries = self.final_norm(queries + self.final_attn(q=queries, k=keys, v=keys))
+        iop = self.iop_head(queries).squeeze(-1).float()  # (R, K)
+        embeddings = self.embedding_head(queries)  # (R, K, E)
+        similarity = F.cosine_similarity(
+            embeddings.float(), seg_embeddings.float().unsqueeze(1), dim=-1
+        )
+        return ProposalScores(similarity=similarity, iop=iop, proposal_embeddings=embeddings)
+
+    def forward(
+        self,
+        dino_features: torch.Tensor,
+        proposal_masks: list[torch.Tensor],
+        seg_embeddings: list[torch.Tensor],
+    ) -> list[ProposalScores]:
+        """Score every image's proposals against that image's ``[SEG]`` embeddings.
+
+        Args:
+            dino_features: ``(I, C, G, G)``.
+            proposal_masks: ``I`` tensors ``(K_i, M, M)``.
+            seg_embeddings: ``I`` tensors ``(R_i, E)``.
+        Returns:
+            ``I`` :class:`ProposalScores` with ``(R_i, K_i)`` fields.
+        """
+        if not len(proposal_masks) == len(seg_embeddings) == dino_features.shape[0]:
+            raise ValueError(
+                f"{dino_features.shape[0]} feature grids, {len(proposal_masks)} proposal sets and "
+                f"{len(seg_embeddings)} [SEG] sets: one of each per image is needed"
+            )
+        feature_maps = self.project_features(dino_features)
+        return [
+            self.score(self.pool(feature_map, masks), segs)
+            for feature_map, masks, segs in zip(feature_maps, proposal_masks, seg_embeddings)
+        ]
