@@ -246,6 +246,11 @@ def merge_split(split_dir: str | os.PathLike, generator: dict | None = None) -> 
         old = ProposalReader(h5_path) if h5_path.is_file() else None
         log_sizes: dict[Path, int] = {}
         staged = _staged_locations(split_dir, log_sizes)
+        if old is not None and not staged:
+            # Nothing new (e.g. another shard merged first): keep the store as it is.
+            state = SplitState(done=set(old.names()), failures=dict(old.failures))
+            old.close()
+            return state
         failures = dict(old.failures) if old is not None else {}
         sources: dict[str, tuple[Path, int] | None] = {}  # None: read from the old h5
         if old is not None:

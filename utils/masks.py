@@ -40,7 +40,9 @@ def decode_rles(rle_counts: list[bytes], height: int, width: int) -> np.ndarray:
     rles = [
         {"size": size, "counts": c.encode("ascii") if isinstance(c, str) else c} for c in rle_counts
     ]
-    return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1).astype(bool))
+    # pycocotools returns (H, W, K) uint8 0/1 in Fortran order: one copy to (K, H, W), then a
+    # free reinterpretation as bool.
+    return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1)).view(bool)
 
 
 # ----------------------------------------------------------------------------- polygons
@@ -132,7 +134,7 @@ def pad_to_square(masks: torch.Tensor) -> torch.Tensor:
 
 
 def proposal_weight_maps(
-    masks: np.ndarray | torch.Tensor, size: int = 256, antialias: bool = True
+    masks: np.ndarray | torch.Tensor, size: int = 256, antialias: bool = True, chunk: int = 8
 ) -> torch.Tensor:
     """Soft weight maps of proposals, as the mask-pooling layer consumes them.
 
@@ -141,6 +143,7 @@ def proposal_weight_maps(
         size: output side (256 in LLM-Seg, the upsampled DINOv2 grid).
         antialias: bilinear antialiasing (upstream: True for ReasonSeg/LLM-Seg40K/val, False for
             sem_seg/refer_seg/vqa).
+        chunk: masks resized together (memory/speed trade-off only; results do not change).
 
     Returns:
         ``(K, size, size)`` float32 maps in [0, 1]: padded bottom/right to a square, then
@@ -149,12 +152,22 @@ def proposal_weight_maps(
     masks = torch.as_tensor(masks)
     if masks.ndim != 3:
         raise ValueError(f"expected (K, h, w) proposals, got shape {tuple(masks.shape)}")
-    if masks.shape[0] == 0:
-        return torch.zeros((0, size, size), dtype=torch.float32, device=masks.device)
-    square = pad_to_square(masks.to(torch.float32))
-    return F.interpolate(
-        square[None], size=(size, size), mode="bilinear", align_corners=False, antialias=antialias
-    )[0]
+    num, height, width = masks.shape
+    out = torch.zeros((num, size, size), dtype=torch.float32, device=masks.device)
+    side = max(height, width)
+    # Chunks through one reused padded buffer: converting and padding the whole (K, S, S) stack
+    # at once costs more in fresh memory than the resize itself.
+    buffer = torch.zeros((min(num, chunk), side, side), dtype=torch.float32, device=masks.device)
+    for start in range(0, num, chunk):
+        part = masks[start : start + chunk]
+        square = buffer[: len(part)]
+        square[:, :height, :width].copy_(part)
+        # (chunk, 1, S, S) runs about twice as fast as (1, chunk, S, S) on the CPU.
+        out[start : start + len(part)] = F.interpolate(
+            square[:, None], size=(size, size), mode="bilinear", align_corners=False,
+            antialias=antialias,
+        )[:, 0]  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------- targets
@@ -176,10 +189,18 @@ def binary_ground_truth(masks: np.ndarray | torch.Tensor, name: str = "mask") ->
     return masks == 1
 
 
+def _count_true(flat: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` float32 number of True values in each row of an ``(N, P)`` bool tensor."""
+    if flat.device.type == "cpu":
+        # numpy's bool sum is ~10x faster than torch's on the CPU (no int64 promotion per pixel).
+        return torch.from_numpy(flat.numpy().sum(axis=1, dtype=np.int64)).to(torch.float32)
+    return torch.count_nonzero(flat, dim=1).to(torch.float32)
+
+
 def mask_iou_iop(
     proposals: np.ndarray | torch.Tensor, ground_truth: np.ndarray | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """IoU and IoP of every proposal against every ground-truth mask, by two matrix products.
+    """IoU and IoP of every proposal against every ground-truth mask, by one matrix product.
 
     Args:
         proposals: ``(K, h, w)`` bool proposals.
@@ -196,12 +217,14 @@ def mask_iou_iop(
             f"proposals {tuple(proposals.shape)} and ground truth {tuple(ground_truth.shape)} "
             "differ in size"
         )
-    p = proposals.reshape(proposals.shape[0], -1).to(torch.float32)
-    g = ground_truth.reshape(ground_truth.shape[0], -1).to(torch.float32)
-    # Pixel counts are exact in float32 up to 2^24 (> 1024 * 1024 pixels).
-    intersection = g @ p.T
-    proposal_area = p.sum(dim=1)[None, :]
-    union = g.sum(dim=1)[:, None] + proposal_area - intersection
+    p = proposals.reshape(proposals.shape[0], -1).to(torch.bool)
+    g = ground_truth.reshape(ground_truth.shape[0], -1).to(torch.bool)
+    # Intersections only involve pixels inside some ground truth: multiply just those columns
+    # (pixel counts are exact in float32 up to 2^24, more than 1024 * 1024).
+    inside = g.any(dim=0).nonzero().squeeze(1)
+    intersection = g[:, inside].to(torch.float32) @ p[:, inside].to(torch.float32).T
+    proposal_area = _count_true(p)[None, :]
+    union = _count_true(g)[:, None] + proposal_area - intersection
     iou = torch.where(union > 0, intersection / union.clamp_min(1), torch.zeros_like(union))
     iop = torch.where(
         proposal_area > 0, intersection / proposal_area.clamp_min(1), torch.zeros_like(intersection)
@@ -218,8 +241,10 @@ def proposal_targets(
     nearest-neighbour to the proposals' ``(h, w)`` first. Returns ``(R, K)`` float32 IoU and IoP.
     """
     proposals = torch.as_tensor(proposals)
-    gt = binary_ground_truth(ground_truth, "ground truth").cpu().numpy()
+    gt = ground_truth.cpu().numpy() if isinstance(ground_truth, torch.Tensor) else ground_truth
+    gt = np.asarray(gt)
     if gt.ndim == 2:
         gt = gt[None]
-    gt = resize_nearest(gt, tuple(proposals.shape[-2:]))
-    return mask_iou_iop(proposals, torch.from_numpy(np.ascontiguousarray(gt)))
+    # Resize first (nearest keeps the values), so the checks run on the smaller array.
+    gt = np.ascontiguousarray(resize_nearest(gt, tuple(proposals.shape[-2:])))
+    return mask_iou_iop(proposals, binary_ground_truth(gt, "ground truth"))
