@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ConvertConfig:
+    """Convert masks.h5 stores to upstream's masks.json."""
+
     sam_masks_dir: str = field(default="./dataset/sam_masks", metadata={"help": "store root"})
     stores: str = field(
         default="",

@@ -28,6 +28,8 @@ from utils.logging_setup import setup_logging
 
 @dataclass
 class Ade20kPrepareConfig(PrepareConfig):
+    """SAM-everything proposals for ADE20K (see the module doc)."""
+
     splits: str = field(
         default="training", metadata={"help": "comma-separated: training, validation"}
     )

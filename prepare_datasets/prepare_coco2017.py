@@ -30,6 +30,8 @@ from utils.logging_setup import setup_logging
 
 @dataclass
 class Coco2017PrepareConfig(PrepareConfig):
+    """SAM-everything proposals for COCO train2017 (see the module doc)."""
+
     annotation_files: str = field(
         default="",
         metadata={"help": "comma-separated COCO-format JSONs (relative to --dataset_dir)"},

@@ -29,6 +29,8 @@ LLMSEG40K_SPLITS = ("train", "validation", "test")
 
 @dataclass
 class EgoObjectsPrepareConfig(PrepareConfig):
+    """SAM-everything proposals for EgoObjects (see the module doc)."""
+
     llmseg40k_dir: str = field(
         default="LLM-Seg40K", metadata={"help": "LLM-Seg40K split JSONs (relative to dataset_dir)"}
     )

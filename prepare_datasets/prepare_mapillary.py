@@ -30,6 +30,8 @@ from utils.logging_setup import setup_logging
 
 @dataclass
 class MapillaryPrepareConfig(PrepareConfig):
+    """SAM-everything proposals for Mapillary Vistas (see the module doc)."""
+
     splits: str = field(default="training", metadata={"help": "comma-separated splits"})
 
 

@@ -28,6 +28,8 @@ from utils.masks import labelme_to_mask
 
 @dataclass
 class ReasonSegPrepareConfig(PrepareConfig):
+    """SAM-everything proposals for ReasonSeg (see the module doc)."""
+
     splits: str = field(default="train,val,test", metadata={"help": "comma-separated splits"})
 
 

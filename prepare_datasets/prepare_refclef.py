@@ -24,6 +24,8 @@ from utils.logging_setup import setup_logging
 
 @dataclass
 class RefClefPrepareConfig(PrepareConfig):
+    """SAM-everything proposals for refCLEF (SAIAPR) images (see the module doc)."""
+
     report_split: str = field(
         default="val", metadata={"help": "refs split the proposal report evaluates (or 'all')"}
     )

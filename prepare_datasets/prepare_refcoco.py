@@ -36,6 +36,8 @@ SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "
 
 @dataclass
 class RefCocoPrepareConfig(PrepareConfig):
+    """SAM-everything proposals for refCOCO/+/g images (see the module doc)."""
+
     refer_datasets: str = field(
         default="refcoco,refcoco+,refcocog", metadata={"help": "comma-separated refer datasets"}
     )

@@ -30,6 +30,8 @@ from utils.logging_setup import setup_logging
 
 @dataclass
 class Voc2010PrepareConfig(PrepareConfig):
+    """SAM-everything proposals for PASCAL-Part / VOC2010 (see the module doc)."""
+
     all_images: bool = field(
         default=False, metadata={"help": "every VOC2010 image, not only PASCAL-Part's"}
     )

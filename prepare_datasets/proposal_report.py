@@ -67,6 +67,8 @@ COLUMNS = (
 
 @dataclass
 class ReportConfig:
+    """Oracle upper bounds of the proposals of each dataset."""
+
     datasets: str = field(
         default="reason_seg", metadata={"help": f"comma list of {list(DATASETS)}"}
     )
