@@ -126,7 +126,9 @@ def dinov2_config_from_hub_state(
     grid = math.isqrt(state["pos_embed"].shape[1] - 1)
     depth = 1 + max((int(m.group(1)) for k in state if (m := _HUB_BLOCK_KEY.match(k))), default=-1)
     swiglu = "blocks.0.mlp.w12.weight" in state
-    mlp_ratio = 4.0 if swiglu else state["blocks.0.mlp.fc1.weight"].shape[0] / hidden
+    mlp_hidden = 4 * hidden if swiglu else state["blocks.0.mlp.fc1.weight"].shape[0]
+    if mlp_hidden % hidden:
+        raise CheckpointError(f"DINOv2 MLP width {mlp_hidden} is not a multiple of {hidden}")
     if arch:
         if arch not in DINOV2_ARCHS:
             raise ValueError(f"unknown DINOv2 arch {arch!r}; expected one of {list(DINOV2_ARCHS)}")
@@ -145,7 +147,7 @@ def dinov2_config_from_hub_state(
         hidden_size=hidden,
         num_hidden_layers=depth,
         num_attention_heads=num_heads,
-        mlp_ratio=mlp_ratio,
+        mlp_ratio=mlp_hidden // hidden,
         patch_size=patch,
         image_size=grid * patch,
         use_swiglu_ffn=swiglu,

@@ -1,0 +1,127 @@
+"""ProposalScorer: upstream's parameter structure and sizes, pooling and scoring by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.proposal_scorer import ProposalScorer, ProposalScorerConfig
+
+SMALL = ProposalScorerConfig(feature_dim=12, embed_dim=16, num_heads=2, mlp_dim=24, map_size=8)
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_real_sizes_match_upstream_parameter_counts():
+    scorer = ProposalScorer(ProposalScorerConfig())
+    # Reference counts of upstream's modules (lisa_dino_conv, 2 x LISA_TwoWayAttentionBlock,
+    # lisa_final_attn, lisa_iou_head, lisa_embedding_head).
+    assert _count(scorer.feature_proj) == 1024 * 256 + 256
+    assert _count(scorer.blocks) == 2 * (
+        3 * (4 * (256 * 256 + 256)) + 4 * 2 * 256 + 2 * 256 * 2048 + 2048 + 256
+    )
+    assert _count(scorer.blocks) / 1e6 == pytest.approx(3.68, abs=0.005)
+    assert _count(scorer.final_attn) == 4 * (256 * 256 + 256)
+    assert _count(scorer.iop_head) == 256 * 128 + 128 + 128 + 1
+    assert _count(scorer.embedding_head) == 256 * 2048 + 2048 + 2048 * 256 + 256
+
+
+def test_parameter_names_follow_the_upstream_structure():
+    names = set(ProposalScorer(SMALL).state_dict())
+    for block in range(2):
+        for attention in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"):
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                assert f"blocks.{block}.{attention}.{proj}.weight" in names
+        for part in ("mlp.lin1", "mlp.lin2", "norm1", "norm2", "norm3", "norm4"):
+            assert f"blocks.{block}.{part}.weight" in names
+    for key in (
+        "feature_proj.weight",
+        "final_attn.q_proj.weight",
+        "final_norm.bias",
+        "iop_head.0.weight",
+        "iop_head.2.bias",
+        "embedding_head.0.weight",
+        "embedding_head.2.bias",
+    ):
+        assert key in names
+    assert not any(name.startswith("blocks.2") for name in names)
+
+
+def test_project_features_upsamples_in_fp32():
+    scorer = ProposalScorer(SMALL).to(torch.bfloat16)
+    maps = scorer.project_features(torch.randn(3, 12, 4, 4, dtype=torch.bfloat16))
+    assert maps.shape == (3, 16, 8, 8)
+    assert maps.dtype == torch.float32
+
+
+def test_pooling_matches_a_hand_computation_and_empty_masks_give_zero():
+    scorer = ProposalScorer(SMALL)
+    features = torch.randn(16, 8, 8)
+    masks = torch.zeros(3, 8, 8)
+    masks[0, :2, :3] = 1.0  # 6 pixels
+    masks[1] = torch.rand(8, 8)  # soft weights
+    pooled = scorer.pool(features, masks)  # masks[2] stays empty
+    assert pooled.shape == (3, 16)
+    assert torch.allclose(pooled[0], features[:, :2, :3].mean(dim=(1, 2)), atol=1e-6)
+    weighted = (features * masks[1]).sum(dim=(1, 2)) / masks[1].sum()
+    assert torch.allclose(pooled[1], weighted, atol=1e-5)
+    assert torch.equal(pooled[2], torch.zeros(16))
+    with pytest.raises(ValueError, match="map_size"):
+        scorer.pool(features, torch.zeros(2, 4, 4))
+
+
+def test_scores_by_hand_for_the_last_step():
+    # With a single key, the final proposals->[SEG] attention weight is 1, so its output is
+    # out_proj(v_proj(key)) for every proposal; the heads then act on the LayerNorm of the sum.
+    scorer = ProposalScorer(SMALL).eval()
+    pooled, segs = torch.randn(5, 16), torch.randn(2, 16)
+    captured = {}
+    original = scorer.final_attn.forward
+
+    def spy(q, k, v):
+        captured["q"], captured["k"] = q, k
+        return original(q=q, k=k, v=v)
+
+    scorer.final_attn.forward = spy
+    scores = scorer.score(pooled, segs)
+    q, k = captured["q"], captured["k"]
+    attn = scorer.final_attn.out_proj(scorer.final_attn.v_proj(k))  # (R, 1, E)
+    queries = scorer.final_norm(q + attn)
+    embeddings = scorer.embedding_head(queries)
+    expected_sim = torch.nn.functional.cosine_similarity(embeddings, segs[:, None], dim=-1)
+    assert torch.allclose(scores.similarity, expected_sim, atol=1e-5)
+    assert torch.allclose(scores.iop, scorer.iop_head(queries).squeeze(-1), atol=1e-6)
+    assert scores.similarity.shape == scores.iop.shape == (2, 5)
+    assert scores.proposal_embeddings.shape == (2, 5, 16)
+
+
+def test_proposal_order_does_not_matter():
+    scorer = ProposalScorer(SMALL).eval()
+    pooled, segs = torch.randn(6, 16), torch.randn(3, 16)
+    order = torch.randperm(6)
+    with torch.no_grad():
+        plain = scorer.score(pooled, segs)
+        permuted = scorer.score(pooled[order], segs)
+    assert torch.allclose(plain.similarity[:, order], permuted.similarity, atol=1e-5)
+    assert torch.allclose(plain.iop[:, order], permuted.iop, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rounds", "proposals"), [(0, 4), (3, 0), (0, 0)])
+def test_empty_inputs_give_empty_scores(rounds, proposals):
+    scorer = ProposalScorer(SMALL)
+    scores = scorer.score(torch.randn(proposals, 16), torch.randn(rounds, 16))
+    assert scores.similarity.shape == scores.iop.shape == (rounds, proposals)
+    assert scores.proposal_embeddings.shape == (rounds, proposals, 16)
+
+
+def test_forward_scores_every_image():
+    scorer = ProposalScorer(SMALL)
+    features = torch.randn(2, 12, 4, 4)
+    masks = [torch.rand(3, 8, 8), torch.rand(1, 8, 8)]
+    segs = [torch.randn(2, 16), torch.randn(4, 16)]
+    scores = scorer(features, masks, segs)
+    assert [s.similarity.shape for s in scores] == [(2, 3), (4, 1)]
+    with pytest.raises(ValueError, match="one of each per image"):
+        scorer(features, masks[:1], segs)
