@@ -204,11 +204,15 @@ class H5StoreWriter:
         props.create_dataset(
             "rle_bytes", shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(1 << 16,)
         )
+        # Per-proposal offsets are streamed too (COCO has ~10^7 proposals).
+        props.create_dataset(
+            "rle_offset", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(1 << 14,)
+        )
         self.flush_every = flush_every
         self.names: list[str] = []
         self.sizes: list[tuple[int, int]] = []
         self.offsets = [0]
-        self.rle_offsets = [0]
+        self._rle_end = 0
         self.failures: list[tuple[str, str]] = []
         self._pending: list[ImageProposals] = []
 
@@ -219,8 +223,6 @@ class H5StoreWriter:
         self.names.append(name)
         self.sizes.append((int(proposals.height), int(proposals.width)))
         self.offsets.append(self.offsets[-1] + len(proposals))
-        for counts in proposals.rle_counts:
-            self.rle_offsets.append(self.rle_offsets[-1] + len(counts))
         self._pending.append(proposals)
         if len(self._pending) >= self.flush_every:
             self._flush()
@@ -240,6 +242,9 @@ class H5StoreWriter:
         props = self.file["proposals"]
         for field in _PROPOSAL_FIELDS:
             self._append(props[field], np.concatenate([getattr(p, field) for p in self._pending]))
+        lengths = np.array([len(c) for p in self._pending for c in p.rle_counts], dtype=np.int64)
+        self._append(props["rle_offset"], self._rle_end + np.cumsum(lengths))
+        self._rle_end += int(lengths.sum())
         blob = b"".join(c for p in self._pending for c in p.rle_counts)
         self._append(props["rle_bytes"], np.frombuffer(blob, dtype=np.uint8))
         self._pending = []
@@ -251,9 +256,6 @@ class H5StoreWriter:
         images.create_dataset("name", data=np.array(self.names, dtype=object), dtype=_STRING)
         images.create_dataset("size", data=np.array(self.sizes, dtype=np.int32).reshape(-1, 2))
         images.create_dataset("offset", data=np.array(self.offsets, dtype=np.int64))
-        self.file["proposals"].create_dataset(
-            "rle_offset", data=np.array(self.rle_offsets, dtype=np.int64)
-        )
         failures = self.file.create_group("failures")
         failures.create_dataset(
             "name", data=np.array([n for n, _ in self.failures], dtype=object), dtype=_STRING
