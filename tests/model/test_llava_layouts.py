@@ -268,3 +268,27 @@ def test_dinov2_hub_architecture_inference():
         dinov2_config_from_hub_state(state, arch="vitb14")
     with pytest.raises(CheckpointError, match="missing key 'cls_token'"):
         dinov2_config_from_hub_state({})
+
+
+def test_llava_15_projector_key_errors_are_named(tmp_path):
+    paths = write_tiny_checkpoints(tmp_path, projector_type="mlp2x_gelu")
+    index = json.loads((paths.llava / "pytorch_model.bin.index.json").read_text())
+    shard = paths.llava / index["weight_map"]["model.mm_projector.2.bias"]
+    state = torch.load(shard, weights_only=True)
+    del state["model.mm_projector.2.bias"]
+    torch.save(state, shard)
+    with pytest.raises(
+        CheckpointError, match=r"projector keys \['0.bias', '0.weight', '2.weight'\]"
+    ):
+        load_llava(paths.llava)
+
+
+def test_dinov2_folder_missing_key_is_named(tmp_path, tiny_checkpoints):
+    folder = tmp_path / "dino"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_checkpoints.dinov2 / "config.json").read_text())
+    state = load_file(tiny_checkpoints.dinov2 / "model.safetensors")
+    del state["encoder.layer.1.mlp.fc2.bias"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"encoder\.layer\.1\.mlp\.fc2\.bias"):
+        load_dinov2(folder)
