@@ -48,14 +48,23 @@ def upscale_logits(
     return logits[:, 0]
 
 
+def count_true(masks: torch.Tensor) -> torch.Tensor:
+    """``(M,)`` int32 number of True pixels of ``(M, H, W)`` bool masks.
+
+    Row sums in int16 first (as SAM's generator does): several times faster on CPUs than one
+    reduction over both axes, and exact for rows shorter than 32768 pixels.
+    """
+    return masks.sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
+
+
 def stability_scores(logits: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
     """IoU of the masks thresholded at ``mask_threshold +- offset``: ``(M, H, W)`` -> ``(M,)``.
 
     The high-threshold mask lies inside the low-threshold one, so the IoU is a ratio of counts.
     An empty low-threshold mask gives NaN, as in the reference (and fails any threshold).
     """
-    inner = (logits > mask_threshold + offset).sum(dim=(-2, -1), dtype=torch.int32)
-    outer = (logits > mask_threshold - offset).sum(dim=(-2, -1), dtype=torch.int32)
+    inner = count_true(logits > mask_threshold + offset)
+    outer = count_true(logits > mask_threshold - offset)
     return inner / outer
 
 
@@ -67,8 +76,10 @@ def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
     num, height, width = masks.shape
     if num == 0:
         return torch.zeros(0, 4, dtype=torch.int64, device=masks.device)
-    rows = masks.any(dim=2)  # (M, H)
-    cols = masks.any(dim=1)  # (M, W)
+    # max over uint8 is a much faster "any" than Tensor.any on CPUs.
+    as_bytes = masks.contiguous().view(torch.uint8)
+    rows = as_bytes.amax(dim=2) > 0  # (M, H)
+    cols = as_bytes.amax(dim=1) > 0  # (M, W)
 
     def first_last(present: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.arange(length, device=present.device)
@@ -123,7 +134,7 @@ class CandidateMasks:
         """Append ``(M, H, W)`` bool masks with their ``(M,)`` scores and ``(M, 2)`` points."""
         self.rle_counts.extend(encode_masks(masks))
         self.boxes.append(masks_to_boxes_xyxy(masks).cpu())
-        self.area.append(masks.sum(dim=(1, 2)).cpu())
+        self.area.append(count_true(masks).long().cpu())
         self.predicted_iou.append(predicted_iou.float().cpu())
         self.stability_score.append(stability_score.float().cpu())
         self.point_coords.append(point_coords.double().cpu())

@@ -52,6 +52,9 @@ BACKENDS = ("sam", "sam_reference", "weightfree")
 MULTIMASK_TOKENS = [1, 2, 3]
 # The reference's crop-NMS threshold, used (as max with box_nms_thresh) after region clean-up.
 CROP_NMS_THRESH = 0.7
+# On a CPU, prompts are decoded this many at a time whatever points_per_batch says: the
+# per-prompt (4096, 256) image tokens of a small block stay in cache (about 20% faster than 64).
+CPU_PROMPT_CHUNK = 16
 # Masks upsampled to image size at a time (a 1024 x 1024 float map is 4 MB).
 UPSAMPLE_CHUNK = 16
 
@@ -169,11 +172,13 @@ class FastSamGenerator:
         points = point_grid(cfg.points_per_side, *image_size)
         prompts = self.resize.apply_coords(points, image_size)  # float64, as the reference feeds
         found = CandidateMasks()
-        for start in range(0, len(points), cfg.points_per_batch):
-            batch_points = torch.as_tensor(points[start : start + cfg.points_per_batch])
-            coords = torch.as_tensor(
-                prompts[start : start + cfg.points_per_batch], device=self.device
-            )[:, None, :]
+        batch_size = cfg.points_per_batch
+        if self.device.type == "cpu":
+            batch_size = min(batch_size, CPU_PROMPT_CHUNK)
+        for start in range(0, len(points), batch_size):
+            batch_points = torch.as_tensor(points[start : start + batch_size])
+            coords = torch.as_tensor(prompts[start : start + batch_size], device=self.device)
+            coords = coords[:, None, :]
             labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
             sparse, _ = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
             decoded = self.decoder.decode(tokens, sparse)
