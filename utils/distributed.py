@@ -35,6 +35,16 @@ def ensure_process_group_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def init_process_group(device: torch.device) -> None:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) unless already joined."""
+    if is_distributed():
+        return
+    import deepspeed
+
+    ensure_process_group_env()
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
 def rank() -> int:
     return torch.distributed.get_rank() if is_distributed() else 0
 
@@ -128,10 +138,7 @@ def initialize_engine(model: torch.nn.Module, settings: OptimizationSettings, de
     """
     import deepspeed
 
-    ensure_process_group_env()
-    if not is_distributed():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+    init_process_group(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=parameters, config=deepspeed_config(settings, device)

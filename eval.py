@@ -1,0 +1,107 @@
+"""Evaluate LLM-Seg on ReasonSeg val/test (or another set), or score any method's mask PNGs.
+
+Model evaluation (one device, no launcher needed; several processes under torchrun/deepspeed)::
+
+    python eval.py --version LLaVA-folder --vision-tower clip --dinov2 dinov2 \\
+        --checkpoint runs/llmseg --dataset_dir dataset --sam_masks_dir sam_masks \\
+        --val_dataset "ReasonSeg|test" --selection iop --out_dir eval_out
+
+Scoring other methods' predictions with the same metric code::
+
+    python eval.py --pred_dir preds/ --dataset_dir dataset --val_dataset "ReasonSeg|val" \\
+        --out_json scores.json
+
+Writes ``metrics.json`` (gIoU, cIoU, ncIoU, per group: ReasonSeg ``short``/``long``) and a
+per-image CSV.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from model.builder import CONFIG_ALIASES, LLMSegConfig, build_llm_seg, setup_trainable
+from utils.config import parse_config, save_config
+from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, eval_records
+from utils.device import resolve_device, resolve_dtype
+from utils.distributed import init_process_group, is_main_process
+from utils.evaluation import SelectionSettings, evaluate, score_prediction_folder
+from utils.logging_setup import setup_logging
+from utils.run_checkpoints import load_trainable_weights
+
+logger = logging.getLogger("eval")
+
+
+@dataclass
+class EvalConfig(LLMSegConfig, DataConfig):
+    """Evaluate an LLM-Seg checkpoint, or score a folder of predicted masks."""
+
+    checkpoint: str = field(
+        default="", metadata={"help": "training run / ckpt_model / global_step folder"}
+    )
+    checkpoint_tag: str = field(
+        default="best", metadata={"help": "which save of a run", "choices": ["best", "latest"]}
+    )
+    out_dir: str = field(default="./eval_out", metadata={"help": "where results are written"})
+    selection: str = field(
+        default="iop",
+        metadata={"help": "mask selection", "choices": ["argmax", "iop", "hybrid", "topk_iop"]},
+    )
+    iop_threshold: float = field(default=0.5, metadata={"help": "IoP threshold of selection"})
+    selection_top_k: int = field(default=5, metadata={"help": "top-k of topk_iop selection"})
+    visualize: bool = field(default=False, metadata={"help": "write an overlay per image"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    pred_dir: str = field(
+        default="", metadata={"help": "score <stem>.png masks from this folder instead"}
+    )
+    out_json: str = field(default="", metadata={"help": "--pred_dir mode: where the JSON goes"})
+
+
+def main(config: EvalConfig) -> dict:
+    """Run the evaluation ``config`` describes and return its metrics."""
+    setup_logging()
+    if config.pred_dir:
+        out_json = Path(config.out_json or Path(config.out_dir) / "metrics.json")
+        save_config(config, out_json.with_name("eval_config.json"))
+        records = eval_records(config, config.val_dataset, with_proposals=False)
+        return score_prediction_folder(records, config.pred_dir, out_json)
+
+    if not config.checkpoint:
+        raise ValueError("--checkpoint is required (or --pred_dir to score saved masks)")
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.precision)
+    init_process_group(device)
+    if is_main_process():
+        save_config(config, Path(config.out_dir) / "eval_config.json")
+    model_config = LLMSegConfig(**{f.name: getattr(config, f.name) for f in fields(LLMSegConfig)})
+    model, tokenizer = build_llm_seg(model_config, device, dtype)
+    setup_trainable(model, model_config)
+    load_trainable_weights(model, config.checkpoint, config.checkpoint_tag)
+    dataset = build_eval_dataset(
+        config, build_encoder(config, tokenizer, model.num_image_tokens), config.val_dataset
+    )
+    metrics = evaluate(
+        model,
+        dataset,
+        SelectionSettings(config.selection, config.iop_threshold, config.selection_top_k),
+        device,
+        dtype,
+        tokenizer.pad_token_id,
+        config.out_dir,
+        visualize=-1 if config.visualize else 0,
+    )
+    logger.info(
+        "%s: gIoU %.4f  cIoU %.4f  ncIoU %.4f  (%d images)",
+        config.val_dataset,
+        metrics["giou"],
+        metrics["ciou"],
+        metrics["nciou"],
+        metrics["num_images"],
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_config(EvalConfig, sys.argv[1:], aliases=CONFIG_ALIASES))

@@ -1,0 +1,140 @@
+"""Building the training mixture and the evaluation sets from command-line strings.
+
+``--dataset "sem_seg||refer_seg||reason_seg" --sample_rates "9,3,1"`` picks training families;
+``--val_dataset "ReasonSeg|val"`` (or ``ReasonSeg|test``, ``refcoco|unc|val``,
+``LLMSeg40K|validation``) picks the evaluation set. Each family registers a builder here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.data.conversation import conversation_format
+from utils.data.images import clip_image_processor
+from utils.data.mixing import EvaluationDataset, MixedTrainingDataset, parse_mixture
+from utils.data.reason_seg import (
+    ReasonSegSource,
+    load_reason_seg_split,
+    reason_seg_eval_record,
+)
+from utils.data.samples import EncoderSettings, SampleEncoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how samples are drawn and encoded."""
+
+    dataset_dir: str = field(default="./dataset", metadata={"help": "dataset root"})
+    sam_masks_dir: str = field(default="./sam_masks", metadata={"help": "proposal store root"})
+    dataset: str = field(
+        default="sem_seg||refer_seg||reason_seg",
+        metadata={"help": "training families, '||'-joined"},
+    )
+    sample_rates: str = field(default="9,3,1", metadata={"help": "family sampling weights"})
+    sem_seg_data: str = field(
+        default="ade20k||cocostuff||pascal_part||paco_lvis||mapillary",
+        metadata={"help": "semantic segmentation datasets"},
+    )
+    refer_seg_data: str = field(
+        default="refclef||refcoco||refcoco+||refcocog", metadata={"help": "referring datasets"}
+    )
+    vqa_data: str = field(default="llava_instruct_150k", metadata={"help": "VQA dataset"})
+    reason_seg_data: str = field(default="ReasonSeg|train", metadata={"help": "ReasonSeg split"})
+    llmseg40k_data: str = field(default="LLMSeg40K|train", metadata={"help": "LLM-Seg40K split"})
+    val_dataset: str = field(default="ReasonSeg|val", metadata={"help": "evaluation set"})
+    num_classes_per_sample: int = field(
+        default=3, metadata={"help": "queries (conversations) per training image"}
+    )
+    conv_type: str = field(
+        default="llava_v1",
+        metadata={"help": "conversation format", "choices": ["llava_v1", "llava_llama_2"]},
+    )
+    top_k_proposals: int = field(default=50, metadata={"help": "proposals kept per image"})
+    proposal_order: str = field(
+        default="area",
+        metadata={"help": "which proposals are kept", "choices": ["area", "predicted_iou"]},
+    )
+    antialias: bool = field(default=True, metadata={"help": "antialias proposal weight maps"})
+
+
+def build_encoder(config, tokenizer, num_image_tokens: int) -> SampleEncoder:
+    """The sample encoder for a model with ``num_image_tokens`` and a tokenizer.
+
+    ``config`` carries the :class:`DataConfig` fields plus the model's ``vision_tower``,
+    ``dino_image_size``, ``proposal_map_size`` and ``model_max_length``.
+    """
+    settings = EncoderSettings(
+        num_image_tokens=num_image_tokens,
+        clip_processor=clip_image_processor(config.vision_tower, _clip_size(config)),
+        dino_image_size=config.dino_image_size,
+        top_k=config.top_k_proposals,
+        proposal_order=config.proposal_order,
+        map_size=config.proposal_map_size,
+        antialias=config.antialias,
+        use_im_start_end="<im_start>" in tokenizer.get_vocab(),
+        model_max_length=config.model_max_length,
+    )
+    return SampleEncoder(tokenizer, conversation_format(config.conv_type), settings)
+
+
+def _clip_size(config) -> int:
+    """CLIP's input side, from the vision tower's config (224 for ViT-L/14)."""
+    clip_config = Path(config.vision_tower) / "config.json"
+    if not clip_config.is_file():
+        raise FileNotFoundError(f"--vision-tower {config.vision_tower}: no config.json")
+    raw = json.loads(clip_config.read_text())
+    return raw.get("vision_config", raw).get("image_size", 224)
+
+
+def _reason_seg_train(config) -> ReasonSegSource:
+    name, _, split = config.reason_seg_data.partition("|")
+    items = load_reason_seg_split(config.dataset_dir, config.sam_masks_dir, split or "train")
+    return ReasonSegSource(items, config.num_classes_per_sample)
+
+
+def _reason_seg_eval(config, parts: list[str], with_proposals: bool):
+    split = parts[1] if len(parts) > 1 else "val"
+    masks_dir = config.sam_masks_dir if with_proposals else None
+    items = load_reason_seg_split(config.dataset_dir, masks_dir, split)
+    return [reason_seg_eval_record(item) for item in items]
+
+
+# family name -> builder of a training RecordSource
+TRAIN_SOURCES: dict[str, Callable] = {"reason_seg": _reason_seg_train}
+# first '|' field of --val_dataset (lower-cased) -> builder of evaluation records
+EVAL_SETS: dict[str, Callable] = {"reasonseg": _reason_seg_eval}
+
+
+def build_train_dataset(config, encoder: SampleEncoder, length: int) -> MixedTrainingDataset:
+    """The training mixture of ``config.dataset`` at ``config.sample_rates``."""
+    sources = []
+    for name, weight in parse_mixture(config.dataset, config.sample_rates):
+        if name not in TRAIN_SOURCES:
+            raise ValueError(
+                f"unknown training family {name!r}; expected one of {sorted(TRAIN_SOURCES)}"
+            )
+        if weight > 0:
+            sources.append((TRAIN_SOURCES[name](config), weight))
+    return MixedTrainingDataset(sources, encoder, length, seed=config.seed)
+
+
+def eval_records(config, spec: str, with_proposals: bool = True) -> list:
+    """The evaluation records named by ``spec`` (e.g. ``ReasonSeg|val``)."""
+    parts = spec.split("|")
+    key = parts[0].lower()
+    if key not in EVAL_SETS:
+        raise ValueError(f"unknown --val_dataset {spec!r}; known sets: {sorted(EVAL_SETS)}")
+    records = EVAL_SETS[key](config, parts, with_proposals)
+    logger.info("evaluation set %s: %d images", spec, len(records))
+    return records
+
+
+def build_eval_dataset(config, encoder: SampleEncoder, spec: str) -> EvaluationDataset:
+    """The evaluation dataset named by ``spec``, encoding records for the model."""
+    return EvaluationDataset(eval_records(config, spec), encoder)

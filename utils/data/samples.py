@@ -1,0 +1,221 @@
+"""From a dataset record to model-ready tensors, and from samples to a typed batch.
+
+Every dataset family (reason_seg, refer_seg, sem_seg, vqa, LLM-Seg40K) only has to produce a
+:class:`SegmentationRecord`: an image, its conversations and one ground-truth mask per ``[SEG]``.
+:class:`SampleEncoder` does the rest the same way for all of them (image streams, proposals and
+targets, tokenisation), and :func:`collate` stacks samples into an ``LLMSegBatch``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.features import preprocess_for_dinov2
+from model.inputs import LLMSegBatch
+from utils.data.conversation import (
+    IGNORE_INDEX,
+    ConversationFormat,
+    EncodedConversation,
+    SequenceTooLong,
+    encode_conversation,
+)
+from utils.data.images import load_rgb_image, preprocess_for_clip
+from utils.proposal_store import ProposalReader, build_proposal_sample
+
+logger = logging.getLogger(__name__)
+
+Turns = list[tuple[str, str]]
+
+
+@dataclass
+class SegmentationRecord:
+    """One image with its conversations, as a dataset family produces it.
+
+    Attributes:
+        image_path: the image file.
+        conversations: each a list of ``(question, answer)`` turns; answers hold the ``[SEG]``s.
+        masks: called with the image's ``(height, width)``, returns ``(R, H, W)`` uint8 in
+            {0, 1, 255}, one mask per ``[SEG]`` in conversation order (rasterised only once the
+            image size is known); ``None`` for text-only (VQA) samples.
+        proposals: the split's proposal store (``None`` for VQA).
+        proposal_key: this image's key in the store.
+        name: a short unique name (image stem) for logs, CSVs and pictures.
+        dataset: which dataset it came from.
+        groups: evaluation groups the image is reported under besides the total (ReasonSeg
+            ``short``/``long``, a query type, ...).
+        queries: the query text of each conversation, for visualisations.
+    """
+
+    image_path: Path
+    conversations: list[Turns]
+    masks: Callable[[int, int], np.ndarray] | None
+    proposals: ProposalReader | None
+    proposal_key: str
+    name: str
+    dataset: str
+    groups: tuple[str, ...] = ()
+    queries: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EncodedSample:
+    """A :class:`SegmentationRecord` turned into tensors (one image, C conversations)."""
+
+    record: SegmentationRecord
+    conversations: list[EncodedConversation]
+    clip_pixels: torch.Tensor  # (3, S, S)
+    dino_pixels: torch.Tensor  # (3, D, D)
+    resized_hw: tuple[int, int]  # image size inside the padded DINOv2 input
+    proposal_masks: torch.Tensor  # (K, M, M) float weight maps
+    proposal_ious: torch.Tensor  # (R, K)
+    proposal_iops: torch.Tensor  # (R, K)
+    proposal_binary: torch.Tensor  # (K, h, w) bool at the store resolution
+    masks: torch.Tensor  # (R, H, W) uint8 ground truth at the image resolution
+
+
+@dataclass
+class EncoderSettings:
+    """How records become tensors (shared by training and evaluation)."""
+
+    num_image_tokens: int
+    clip_processor: object
+    dino_image_size: int = 896
+    top_k: int = 50
+    proposal_order: str = "area"
+    map_size: int = 256
+    antialias: bool = True
+    use_im_start_end: bool = True
+    model_max_length: int = 512
+
+
+class SampleEncoder:
+    """Turns :class:`SegmentationRecord` s into :class:`EncodedSample` s.
+
+    Conversations longer than ``model_max_length`` are dropped whole with their masks (never
+    truncated); ``num_dropped`` counts them. A record whose conversations are all dropped
+    returns ``None``.
+    """
+
+    def __init__(self, tokenizer, fmt: ConversationFormat, settings: EncoderSettings):
+        self.tokenizer = tokenizer
+        self.fmt = fmt
+        self.settings = settings
+        self.num_dropped = 0
+
+    def _encode_conversations(
+        self, record: SegmentationRecord
+    ) -> tuple[list[EncodedConversation], list[int]]:
+        """Encoded conversations and, for each kept one, the mask rows it owns."""
+        kept, rows, next_row = [], [], 0
+        for turns in record.conversations:
+            try:
+                encoded = encode_conversation(
+                    self.tokenizer,
+                    turns,
+                    self.settings.num_image_tokens,
+                    self.fmt,
+                    self.settings.use_im_start_end,
+                    self.settings.model_max_length,
+                )
+            except SequenceTooLong as error:
+                self.num_dropped += 1
+                logger.info("dropping a conversation of %s: %s", record.image_path, error)
+                next_row += sum(answer.count("[SEG]") for _, answer in turns if answer)
+                continue
+            kept.append(encoded)
+            rows.extend(range(next_row, next_row + encoded.num_seg))
+            next_row += encoded.num_seg
+        return kept, rows
+
+    def __call__(self, record: SegmentationRecord) -> EncodedSample | None:
+        conversations, rows = self._encode_conversations(record)
+        if not conversations:
+            return None
+        image = load_rgb_image(record.image_path)
+        height, width = image.shape[:2]
+        if record.masks is None:
+            masks = np.zeros((0, height, width), np.uint8)
+        else:
+            masks = record.masks(height, width)
+        total_seg = sum(a.count("[SEG]") for turns in record.conversations for _, a in turns if a)
+        if masks.shape != (total_seg, height, width):
+            raise ValueError(
+                f"{record.image_path}: {total_seg} [SEG] answers need masks of shape "
+                f"{(total_seg, height, width)}, got {masks.shape}"
+            )
+        masks = torch.from_numpy(np.ascontiguousarray(masks[rows]))
+        dino_pixels, resized_hw = preprocess_for_dinov2(image, self.settings.dino_image_size)
+        if record.proposals is not None:
+            proposals = build_proposal_sample(
+                record.proposals.get(record.proposal_key),
+                masks if len(masks) else None,
+                top_k=self.settings.top_k,
+                order=self.settings.proposal_order,
+                size=self.settings.map_size,
+                antialias=self.settings.antialias,
+            )
+            weight_maps, ious, iops, binary = (
+                proposals.weight_maps,
+                proposals.iou,
+                proposals.iop,
+                proposals.masks,
+            )
+        else:
+            size = self.settings.map_size
+            weight_maps = torch.zeros((0, size, size))
+            ious = iops = torch.zeros((len(masks), 0))
+            binary = torch.zeros((0, height, width), dtype=torch.bool)
+        return EncodedSample(
+            record=record,
+            conversations=conversations,
+            clip_pixels=preprocess_for_clip(self.settings.clip_processor, image),
+            dino_pixels=dino_pixels,
+            resized_hw=resized_hw,
+            proposal_masks=weight_maps,
+            proposal_ious=ious,
+            proposal_iops=iops,
+            proposal_binary=binary,
+            masks=masks,
+        )
+
+
+def collate_batch(samples: list[EncodedSample], pad_token_id: int) -> LLMSegBatch:
+    """:func:`collate` without the samples (for DataLoader workers: only tensors travel)."""
+    return collate(samples, pad_token_id)[0]
+
+
+def collate(samples: list[EncodedSample], pad_token_id: int) -> tuple[LLMSegBatch, list]:
+    """Stack encoded samples into one batch (right padding, as LLaMA's tokenizer pads).
+
+    Returns:
+        ``(batch, samples)``; the samples ride along for evaluation (GT masks, binary
+        proposals, names), since the model does not need them.
+    """
+    rows = [(i, conv) for i, sample in enumerate(samples) for conv in sample.conversations]
+    length = max(len(conv.input_ids) for _, conv in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for row, (_, conv) in enumerate(rows):
+        n = len(conv.input_ids)
+        input_ids[row, :n] = conv.input_ids
+        labels[row, :n] = conv.labels
+        attention_mask[row, :n] = 1
+    batch = LLMSegBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        clip_pixels=torch.stack([s.clip_pixels for s in samples]),
+        dino_pixels=torch.stack([s.dino_pixels for s in samples]),
+        image_index=torch.tensor([i for i, _ in rows], dtype=torch.long),
+        proposal_masks=[s.proposal_masks for s in samples],
+        proposal_ious=[s.proposal_ious for s in samples],
+        proposal_iops=[s.proposal_iops for s in samples],
+    )
+    return batch, samples
