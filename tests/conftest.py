@@ -14,9 +14,15 @@ pytest.MonkeyPatch().setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_logging(caplog):
+def _seed_threads_and_logging(caplog):
+    """Seeded, single-threaded (tiny tensors: with two cores shared, extra threads only cost),
+    with INFO logs captured for failing tests."""
     torch.manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
     caplog.set_level(logging.INFO)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

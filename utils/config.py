@@ -62,13 +62,13 @@ def add_dataclass_arguments(
             kwargs["choices"] = f.metadata["choices"]
         if kind is bool:
             parser.add_argument(
-                *flags, action=argparse.BooleanOptionalAction, help=help_text, **kwargs
+                *flags, action=argparse.BooleanOptionalAction, help=help_text or " ", **kwargs
             )
         elif kind in (int, float, str):
             parser.add_argument(
                 *flags,
                 type=kind,
-                help=f"{help_text} (default: {default})" if help_text else None,
+                help=help_text or " ",
                 required=default is None and not optional,
                 **kwargs,
             )

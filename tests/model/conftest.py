@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from model.builder import build_llm_seg, tiny_llm_seg_config
 
@@ -18,13 +17,3 @@ def tiny_config(tiny_checkpoints):
 def tiny_model(tiny_config):
     """``(model, tokenizer)``, freshly built (tests may train or wrap it)."""
     return build_llm_seg(tiny_config)
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: thread start-up dominates, and with other jobs on the machine two threads
-    make a training step ~10x slower than one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
