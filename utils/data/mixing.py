@@ -16,7 +16,13 @@ from typing import Protocol
 
 from torch.utils.data import Dataset, Sampler
 
-from utils.data.samples import EncodedSample, SampleEncoder, SegmentationRecord
+from utils.data.images import ImageReadError
+from utils.data.samples import (
+    EncodedSample,
+    MissingProposalsError,
+    SampleEncoder,
+    SegmentationRecord,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +55,11 @@ def parse_mixture(datasets: str, sample_rates: str) -> list[tuple[str, float]]:
 class MixedTrainingDataset(Dataset):
     """``length`` samples drawn from several families (index -> sample is deterministic).
 
-    A drawn record that cannot be used (every conversation too long, or an image with no
-    proposals, which gives the alignment loss nothing to align) is skipped and another one drawn
-    from the same index's RNG; ``skipped`` counts the reasons in this process.
+    A drawn record that cannot be used is skipped, logged with its file, and another one is
+    drawn from the same index's RNG: an unreadable or missing image, every conversation longer
+    than ``model_max_length``, or an image with no proposals (nothing for the alignment loss to
+    align). ``skipped`` counts the reasons in this process. Broken annotation files are not
+    skipped: the loaders reject them when the dataset is built, before training starts.
     """
 
     def __init__(
@@ -73,20 +81,27 @@ class MixedTrainingDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, detail: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        logger.debug("skipping a training record: %s", reason)
+        logger.warning("skipping a training sample (%s): %s", reason, detail)
 
     def __getitem__(self, index: int) -> EncodedSample:
         rng = random.Random(f"{self.seed}:{index}")
         for _ in range(MAX_DRAWS):
             source = rng.choices(self.sources, weights=self.weights)[0]
             record = source.sample_record(rng)
-            sample = self.encoder(record)
+            try:
+                sample = self.encoder(record)
+            except ImageReadError as error:
+                self._skip("unreadable image", str(error))
+                continue
+            except MissingProposalsError as error:
+                self._skip("not in the proposal store", str(error))
+                continue
             if sample is None:
-                self._skip("all conversations longer than model_max_length")
+                self._skip("too long", f"{record.image_path}: every conversation too long")
             elif record.proposals is not None and sample.proposal_masks.shape[0] == 0:
-                self._skip(f"no proposals for {record.image_path}")
+                self._skip("no proposals", f"{record.image_path} has no proposals")
             else:
                 return sample
         raise RuntimeError(

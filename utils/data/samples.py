@@ -33,6 +33,13 @@ logger = logging.getLogger(__name__)
 Turns = list[tuple[str, str]]
 
 
+class MissingProposalsError(KeyError):
+    """The proposal store has no entry for an image (not prepared, or it failed preparation)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 @dataclass
 class SegmentationRecord:
     """One image with its conversations, as a dataset family produces it.
@@ -152,8 +159,12 @@ class SampleEncoder:
         masks = torch.from_numpy(np.ascontiguousarray(masks[rows]))
         dino_pixels, resized_hw = preprocess_for_dinov2(image, self.settings.dino_image_size)
         if record.proposals is not None:
+            try:
+                stored = record.proposals.get(record.proposal_key)
+            except KeyError as error:
+                raise MissingProposalsError(error.args[0]) from None
             proposals = build_proposal_sample(
-                record.proposals.get(record.proposal_key),
+                stored,
                 masks if len(masks) else None,
                 top_k=self.settings.top_k,
                 order=self.settings.proposal_order,
