@@ -7,6 +7,9 @@ import os
 import sys
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Third-party loggers that narrate routine work at INFO (DeepSpeed's config dump, setuptools'
+# compiler probes when DeepSpeed JIT-builds its CPU op).
+_CHATTY = ("DeepSpeed", "compilers", "torch.distributed")
 
 
 def process_rank() -> int:
@@ -32,3 +35,5 @@ def setup_logging(level: int = logging.INFO, rank: int | None = None) -> None:
     handler._llm_seg = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else logging.WARNING)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
