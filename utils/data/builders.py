@@ -15,13 +15,17 @@ from pathlib import Path
 
 from utils.data.conversation import conversation_format
 from utils.data.images import clip_image_processor
+from utils.data.llmseg40k import LLMSeg40KSource, llmseg40k_eval_record, load_llmseg40k_split
 from utils.data.mixing import EvaluationDataset, MixedTrainingDataset, parse_mixture
 from utils.data.reason_seg import (
     ReasonSegSource,
     load_reason_seg_split,
     reason_seg_eval_record,
 )
+from utils.data.refer_seg import SPLIT_BY, load_refer_split, load_refer_train, refer_eval_record
 from utils.data.samples import EncoderSettings, SampleEncoder
+from utils.data.sem_seg import SemSegSource, load_sem_seg_datasets
+from utils.data.vqa import VQASource, load_vqa
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,10 @@ class DataConfig:
     vqa_data: str = field(default="llava_instruct_150k", metadata={"help": "VQA dataset"})
     reason_seg_data: str = field(default="ReasonSeg|train", metadata={"help": "ReasonSeg split"})
     llmseg40k_data: str = field(default="LLMSeg40K|train", metadata={"help": "LLM-Seg40K split"})
+    llmseg40k_dir: str = field(
+        default="LLM-Seg40K",
+        metadata={"help": "folder of the LLM-Seg40K split jsons, relative to --dataset_dir"},
+    )
     val_dataset: str = field(default="ReasonSeg|val", metadata={"help": "evaluation set"})
     num_classes_per_sample: int = field(
         default=3, metadata={"help": "queries (conversations) per training image"}
@@ -105,10 +113,65 @@ def _reason_seg_eval(config, parts: list[str], with_proposals: bool):
     return [reason_seg_eval_record(item) for item in items]
 
 
+def _sem_seg_train(config) -> SemSegSource:
+    datasets = load_sem_seg_datasets(config.dataset_dir, config.sam_masks_dir, config.sem_seg_data)
+    return SemSegSource(datasets, config.num_classes_per_sample)
+
+
+def _refer_seg_train(config):
+    return load_refer_train(
+        config.dataset_dir, config.sam_masks_dir, config.refer_seg_data,
+        config.num_classes_per_sample,
+    )  # fmt: skip
+
+
+def _vqa_train(config) -> VQASource:
+    return VQASource(load_vqa(config.dataset_dir, config.vqa_data), config.vqa_data)
+
+
+def _llmseg40k_train(config) -> LLMSeg40KSource:
+    split = config.llmseg40k_data.partition("|")[2] or "train"
+    questions = load_llmseg40k_split(
+        config.dataset_dir, config.sam_masks_dir, split, config.llmseg40k_dir
+    )
+    return LLMSeg40KSource(questions)
+
+
+def _refer_eval(config, parts: list[str], with_proposals: bool):
+    """``refcoco|unc|val`` (dataset|split_by|split), ``refcoco|val`` or ``refcoco``."""
+    name = parts[0].lower()
+    split_by = parts[1] if len(parts) == 3 else SPLIT_BY[name]
+    split = parts[-1] if len(parts) > 1 else "val"
+    masks_dir = config.sam_masks_dir if with_proposals else None
+    images = load_refer_split(config.dataset_dir, masks_dir, name, split, split_by, strict=True)
+    return [refer_eval_record(image) for image in images]
+
+
+def _llmseg40k_eval(config, parts: list[str], with_proposals: bool):
+    """``LLMSeg40K|validation`` (or ``|val``) and ``LLMSeg40K|test``."""
+    split = parts[1] if len(parts) > 1 else "validation"
+    masks_dir = config.sam_masks_dir if with_proposals else None
+    questions = load_llmseg40k_split(
+        config.dataset_dir, masks_dir, split, config.llmseg40k_dir, strict=True
+    )
+    return [llmseg40k_eval_record(question) for question in questions]
+
+
 # family name -> builder of a training RecordSource
-TRAIN_SOURCES: dict[str, Callable] = {"reason_seg": _reason_seg_train}
+TRAIN_SOURCES: dict[str, Callable] = {
+    "sem_seg": _sem_seg_train,
+    "refer_seg": _refer_seg_train,
+    "vqa": _vqa_train,
+    "reason_seg": _reason_seg_train,
+    "llmseg40k": _llmseg40k_train,
+}
 # first '|' field of --val_dataset (lower-cased) -> builder of evaluation records
-EVAL_SETS: dict[str, Callable] = {"reasonseg": _reason_seg_eval}
+EVAL_SETS: dict[str, Callable] = {
+    "reasonseg": _reason_seg_eval,
+    **{name: _refer_eval for name in SPLIT_BY},
+    "llmseg40k": _llmseg40k_eval,
+    "llm-seg40k": _llmseg40k_eval,
+}
 
 
 def build_train_dataset(config, encoder: SampleEncoder, length: int) -> MixedTrainingDataset:

@@ -1,0 +1,272 @@
+"""Referring segmentation (refCLEF, refCOCO, refCOCO+, refCOCOg), read in the refer format.
+
+Files (LISA's layout): ``<refer_root>/<dataset>/refs(<split_by>).p`` (a data-only pickle, read
+without executing code) + ``instances.json`` (COCO format: polygons or RLE); images under
+``<refer_root>/images/saiapr_tc-12/<file_name>`` (refCLEF) or
+``<refer_root>/images/mscoco/images/train2014/<file_name>`` (the COCO sets). ``split_by`` is
+``umd`` for refCOCOg and ``unc`` otherwise. Proposals come from ``<sam_masks_dir>/saiapr``
+(refCLEF, keys ``NN/images/x.jpg``) or ``<sam_masks_dir>/coco2014`` (keys = file names).
+
+``refer_root`` is ``<dataset_dir>/refer_seg``. Upstream's validation instead reads
+``<dataset_dir>/<dataset>`` directly, so its users point ``--dataset_dir`` at the ``refer_seg``
+folder for ``--val_dataset refcoco|unc|val``; both layouts work here (``refer_seg/<dataset>`` is
+looked for first, then ``<dataset>``), for training and evaluation alike.
+
+Training: a uniformly chosen dataset, a random image of its ``train`` refs, up to 3 of the
+sentences of all its refs pooled, each a conversation with a SHORT question about the
+lower-cased sentence; the target is the referred annotation's mask. Evaluation
+(``refcoco|unc|val``, ``refcocog|umd|test``, ...): one record per image holding every sentence of
+its refs in that split, each its own conversation with the fixed validation prompt.
+
+Behaviour on bad input: a missing or malformed ``refs(*).p``/``instances.json`` (or a ref that
+points to an unknown image or annotation) stops the run when the dataset is built, naming the
+file. Missing image files, images absent from the proposal store or with zero proposals are
+skipped and counted in training and stop evaluation (:mod:`utils.data.dataset_files`). An image
+whose annotated size is not its real size is skipped (logged, counted) in training and stops
+evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pickle
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from prepare_datasets.annotations import coco_images, load_json, load_refs_pickle
+from prepare_datasets.prepare_refclef import saiapr_key
+from utils.data.coco_masks import annotation_masks
+from utils.data.conversation import (
+    ANSWER_TEMPLATES,
+    SHORT_QUESTION_TEMPLATES,
+    VALIDATION_ANSWER,
+    VALIDATION_SHORT_QUESTION,
+)
+from utils.data.dataset_files import (
+    check_image_size,
+    draw_usable,
+    keep_available,
+    open_proposal_store,
+)
+from utils.data.reason_seg import DatasetFormatError
+from utils.data.samples import SegmentationRecord
+from utils.proposal_store import ProposalReader
+
+logger = logging.getLogger(__name__)
+
+SPLIT_BY = {"refclef": "unc", "refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+
+
+@dataclass
+class ReferImage:
+    """One image of a refer split: every sentence of its refs with the referred segmentation.
+
+    ``sentences[i]`` refers to ``segmentations[i]`` (a COCO ``segmentation`` field annotated at
+    ``(height, width)``); sentences of the same ref share one segmentation object.
+    """
+
+    dataset: str
+    image_path: Path
+    proposal_key: str
+    height: int
+    width: int
+    sentences: list[str]
+    segmentations: list
+    proposals: ProposalReader | None
+
+
+def refer_root(dataset_dir: str | Path, name: str) -> Path:
+    """The folder holding ``<name>/`` and ``images/``: ``<dataset_dir>/refer_seg`` (LISA's
+    layout) or ``<dataset_dir>`` itself (upstream validation's layout)."""
+    dataset_dir = Path(dataset_dir)
+    for root in (dataset_dir / "refer_seg", dataset_dir):
+        if (root / name).is_dir():
+            return root
+    raise FileNotFoundError(
+        f"refer dataset {name!r} not found: neither {dataset_dir / 'refer_seg' / name} nor "
+        f"{dataset_dir / name} exists (check --dataset_dir)"
+    )
+
+
+def _load_refs(path: Path) -> list[dict]:
+    try:
+        return load_refs_pickle(path)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise DatasetFormatError(f"{path}: not a refer refs pickle ({error})") from None
+
+
+def _ref_sentences(ref: dict, path: Path, index: int) -> list[str]:
+    try:
+        sentences = [str(s["sent"]).strip() for s in ref["sentences"]]
+    except (KeyError, TypeError):
+        raise DatasetFormatError(f"{path}: refs[{index}] needs sentences[].sent") from None
+    return [s for s in sentences if s]
+
+
+def load_refer_split(
+    dataset_dir: str | Path,
+    sam_masks_dir: str | Path | None,
+    name: str,
+    split: str = "train",
+    split_by: str | None = None,
+    strict: bool = False,
+) -> list[ReferImage]:
+    """Parse the refs of ``split`` of refer dataset ``name`` into one :class:`ReferImage` each.
+
+    Args:
+        dataset_dir: ``--dataset_dir`` (see :func:`refer_root`).
+        sam_masks_dir: proposal store root, or ``None`` to skip proposals.
+        name: refclef, refcoco, refcoco+ or refcocog.
+        split: the refs' ``split`` field (train, val, test, testA, testB).
+        split_by: ``unc``/``umd``/``google``; default :data:`SPLIT_BY`.
+        strict: evaluation behaviour for missing files (see :mod:`utils.data.dataset_files`).
+    """
+    split_by = split_by or SPLIT_BY.get(name, "unc")
+    root = refer_root(dataset_dir, name)
+    refs_path = root / name / f"refs({split_by}).p"
+    refs = _load_refs(refs_path)
+    instances_path = root / name / "instances.json"
+    instances = load_json(instances_path, f"{name} instances")
+    try:
+        images = coco_images(instances, str(instances_path))
+        annotations = {int(a["id"]): a for a in instances["annotations"]}
+    except (KeyError, TypeError, ValueError) as error:
+        raise DatasetFormatError(f"{instances_path}: not a COCO-format file ({error!r})") from None
+    by_image: dict[int, tuple[list, list]] = {}
+    for index, ref in enumerate(refs):
+        if not isinstance(ref, dict) or ref.get("split") != split:
+            continue
+        try:
+            image_id, ann_id = int(ref["image_id"]), int(ref["ann_id"])
+        except (KeyError, TypeError, ValueError):
+            message = f"{refs_path}: refs[{index}] needs image_id and ann_id"
+            raise DatasetFormatError(message) from None
+        if image_id not in images or ann_id not in annotations:
+            raise DatasetFormatError(
+                f"{refs_path}: refs[{index}] points to image {image_id} / annotation {ann_id}, "
+                f"not both in {instances_path}"
+            )
+        sentences = _ref_sentences(ref, refs_path, index)
+        texts, segs = by_image.setdefault(image_id, ([], []))
+        segmentation = annotations[ann_id].get("segmentation") or []
+        texts += sentences
+        segs += [segmentation] * len(sentences)
+    if not by_image:
+        known = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
+        raise DatasetFormatError(f"{refs_path}: no refs in split {split!r} (splits: {known})")
+    is_clef = name == "refclef"
+    image_dir = root / "images" / ("saiapr_tc-12" if is_clef else "mscoco/images/train2014")
+    proposals = open_proposal_store(sam_masks_dir, "saiapr" if is_clef else "coco2014")
+    items = []
+    for image_id, (texts, segs) in sorted(by_image.items()):
+        if not texts:
+            continue
+        info = images[image_id]
+        try:
+            file_name, height, width = (
+                str(info["file_name"]),
+                int(info["height"]),
+                int(info["width"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            message = f"{instances_path}: image {image_id} needs file_name, height and width"
+            raise DatasetFormatError(message) from None
+        key = saiapr_key(file_name) if is_clef else Path(file_name).name
+        items.append(
+            ReferImage(name, image_dir / file_name, key, height, width, texts, segs, proposals)
+        )
+    items = keep_available(
+        items, f"{name}|{split_by}|{split}", lambda i: i.image_path, proposals,
+        lambda i: i.proposal_key, strict=strict,
+    )  # fmt: skip
+    logger.info(
+        "%s(%s) %s: %d images, %d sentences",
+        name, split_by, split, len(items), sum(len(i.sentences) for i in items),
+    )  # fmt: skip
+    return items
+
+
+def _record(image: ReferImage, conversations, rows: list[int], texts) -> SegmentationRecord:
+    return SegmentationRecord(
+        image_path=image.image_path,
+        conversations=conversations,
+        masks=functools.partial(
+            annotation_masks,
+            [image.segmentations[r] for r in rows],
+            (image.height, image.width),
+            image.image_path,
+        ),
+        proposals=image.proposals,
+        proposal_key=image.proposal_key,
+        name=image.image_path.stem,
+        dataset=image.dataset,
+        queries=list(texts),
+    )
+
+
+def refer_train_record(
+    image: ReferImage, rng: random.Random, num_sentences: int = 3
+) -> SegmentationRecord:
+    """Up to ``num_sentences`` of the image's pooled sentences, SHORT template, lower-cased.
+
+    Raises ``DatasetFormatError`` when the annotation's size is not the image's.
+    """
+    check_image_size(image.image_path, (image.height, image.width), image.dataset)
+    rows = rng.sample(range(len(image.sentences)), min(num_sentences, len(image.sentences)))
+    texts = [image.sentences[r] for r in rows]
+    conversations = [
+        [
+            (
+                rng.choice(SHORT_QUESTION_TEMPLATES).format(class_name=text.lower()),
+                rng.choice(ANSWER_TEMPLATES),
+            )
+        ]
+        for text in texts
+    ]
+    return _record(image, conversations, rows, texts)
+
+
+def refer_eval_record(image: ReferImage) -> SegmentationRecord:
+    """Every sentence of the image, each with the validation prompt and answer ``[SEG].``."""
+    texts = [s.lower() for s in image.sentences]
+    conversations = [
+        [(VALIDATION_SHORT_QUESTION.format(class_name=text), VALIDATION_ANSWER)] for text in texts
+    ]
+    return _record(image, conversations, list(range(len(texts))), texts)
+
+
+class ReferSegSource:
+    """Training source: a uniformly chosen refer dataset, then a random image of it."""
+
+    name = "refer_seg"
+
+    def __init__(self, datasets: dict[str, list[ReferImage]], num_sentences: int = 3):
+        self.datasets = {name: images for name, images in datasets.items() if images}
+        if not self.datasets:
+            raise ValueError("refer_seg training source has no images (check --refer_seg_data)")
+        self.names = list(self.datasets)
+        self.num_sentences = num_sentences
+        self.skipped: dict[str, int] = {}
+
+    def _draw(self, rng: random.Random) -> SegmentationRecord:
+        images = self.datasets[self.names[rng.randrange(len(self.names))]]
+        return refer_train_record(images[rng.randrange(len(images))], rng, self.num_sentences)
+
+    def sample_record(self, rng: random.Random) -> SegmentationRecord:
+        return draw_usable(lambda: self._draw(rng), self.skipped, self.name)
+
+
+def load_refer_train(dataset_dir, sam_masks_dir, names: str, num_sentences: int = 3):
+    """The :class:`ReferSegSource` of ``--refer_seg_data`` (``"refclef||refcoco||..."``)."""
+    datasets = {}
+    for name in (n.strip() for n in names.split("||") if n.strip()):
+        if name not in SPLIT_BY:
+            raise ValueError(
+                f"unknown --refer_seg_data entry {name!r}; expected any of {sorted(SPLIT_BY)}"
+            )
+        datasets[name] = load_refer_split(dataset_dir, sam_masks_dir, name, "train")
+    return ReferSegSource(datasets, num_sentences)
