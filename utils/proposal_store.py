@@ -396,6 +396,21 @@ class ProposalReader:
         counts = [blob[a:b] for a, b in zip(local[:-1], local[1:])]
         return ImageProposals(height=height, width=width, rle_counts=counts, **fields)
 
+    def num_proposals(self, name: str) -> int:
+        """How many proposals image ``name`` has, from the index only (no mask is decoded).
+
+        Raises ``KeyError`` like :meth:`get` when the image is not in the store.
+        """
+        if self.is_json:
+            record = self._records.get(name)
+            if record is None:
+                raise KeyError(self._missing_message(name))
+            return len(record.get("masks") or [])
+        row = self._row(name)
+        if row < 0:
+            raise KeyError(self._missing_message(name))
+        return int(self._offsets[row + 1] - self._offsets[row])
+
     def _missing_message(self, name: str) -> str:
         if name in self.failures:
             return f"{self.path}: image {name!r} failed during preparation: {self.failures[name]}"
