@@ -1,0 +1,317 @@
+"""A seeded synthetic reasoning-segmentation dataset in ReasonSeg's format, for the built-in demo.
+
+Scenes hold 3-6 flat-coloured shapes (circle, ring, square, triangle, hexagon, star, cross) of
+several colours, sizes, rotations and positions over textured backgrounds, some overlapping. Each
+image comes with one query whose answer is unique in its scene (see
+`prepare_datasets.synthetic_queries`): attribute, function, geometry, comparison or spatial, in
+short (phrase) or long (sentence) form, with several phrasings. Query types and forms are
+balanced within every split.
+
+Usage::
+
+    python -m prepare_datasets.prepare_synthetic --out_dir dataset --seed 0
+
+Written (the layout `utils/data/reason_seg.py` reads, so ``--dataset_dir dataset`` works)::
+
+    <out_dir>/reason_seg/ReasonSeg/{train,val,test}/<split>_<index>.jpg + <split>_<index>.json
+    <out_dir>/reason_seg/ReasonSeg/synthetic_config.json   the resolved config
+    <out_dir>/reason_seg/ReasonSeg/synthetic_stats.json    counts per split and query type
+
+Each json has ReasonSeg's keys ``text`` (phrasings of the one query), ``is_sentence`` and
+``shapes`` (labelme polygons, label ``target``, in pixel coordinates, outlining the target's
+*visible* region: an occluded object is marked where the picture shows it; holes are spliced into
+the outline through the object, so the polygons rasterise exactly to the visible mask with
+ReasonSeg's reader), plus ``query_type``, ``query_subtype``, ``target`` and ``reference``
+(indices into ``objects``), ``objects`` (the scene in drawing order, later on top, with measured
+areas, boxes and centroids), ``background`` and ``image_size`` ``[height, width]``.
+
+Deterministic: every image draws from its own generator seeded by ``(seed, split, index)``, so a
+rerun writes byte-identical files. Each split is written to a temporary folder and swapped into
+place when complete, so an interrupted run never leaves a half-written split.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from prepare_datasets.synthetic_queries import (
+    QUERY_TYPES,
+    Query,
+    candidate_queries,
+    choose_query,
+    phrase_query,
+)
+from prepare_datasets.synthetic_scenes import (
+    BACKGROUNDS,
+    SHAPES,
+    ObjectGeometry,
+    SceneObject,
+    mask_to_polygons,
+    measure_objects,
+    render_image,
+    render_masks,
+    sample_objects,
+    scene_is_clear,
+)
+from utils.config import parse_config, save_config
+from utils.logging_setup import setup_logging
+from utils.masks import labelme_to_mask
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MAX_ATTEMPTS = 500  # scenes tried per image before giving up (a handful are needed in practice)
+
+
+@dataclass
+class SyntheticConfig:
+    """Generate the synthetic ReasonSeg-format dataset of the built-in demo."""
+
+    out_dir: str = field(
+        default="dataset",
+        metadata={"help": "dataset root (the --dataset_dir of training); writes reason_seg/..."},
+    )
+    seed: int = field(default=0, metadata={"help": "seed; the same seed gives identical files"})
+    num_train: int = field(default=500, metadata={"help": "images in the train split"})
+    num_val: int = field(default=100, metadata={"help": "images in the val split"})
+    num_test: int = field(default=100, metadata={"help": "images in the test split"})
+    image_size: int = field(default=160, metadata={"help": "image side in pixels (square)"})
+    min_objects: int = field(default=3, metadata={"help": "fewest objects in a scene"})
+    max_objects: int = field(default=6, metadata={"help": "most objects in a scene"})
+    texts_per_query: int = field(default=3, metadata={"help": "phrasings stored in 'text'"})
+    overlap_probability: float = field(
+        default=0.5, metadata={"help": "fraction of scenes whose objects may overlap"}
+    )
+    jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality (4:4:4 chroma)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar per split"})
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        for name in ("num_train", "num_val", "num_test"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 64 <= self.image_size <= 1024:
+            raise ValueError(f"--image_size must be in [64, 1024], got {self.image_size}")
+        if not 2 <= self.min_objects <= self.max_objects <= len(SHAPES) + 1:
+            raise ValueError(
+                "need 2 <= --min_objects <= --max_objects <= "
+                f"{len(SHAPES) + 1}, got {self.min_objects} and {self.max_objects}"
+            )
+        if self.texts_per_query < 1:
+            raise ValueError(f"--texts_per_query must be >= 1, got {self.texts_per_query}")
+        if not 0.0 <= self.overlap_probability <= 1.0:
+            raise ValueError(
+                f"--overlap_probability must be in [0, 1], got {self.overlap_probability}"
+            )
+        if not 50 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg_quality must be in [50, 100], got {self.jpeg_quality}")
+
+
+@dataclass
+class SyntheticSample:
+    """One generated image with its query.
+
+    Attributes:
+        image: ``(H, W, 3)`` uint8 RGB picture.
+        objects: the scene in drawing order (later objects on top).
+        geometry: measured visible region of each object.
+        background: the background texture's kind.
+        query: the query; ``query.target`` indexes ``objects``.
+        is_sentence: long sentence (True) or short phrase (False).
+        texts: phrasings of the query.
+        polygons: labelme polygons of the target's visible region, ``(V, 2)`` int32 each.
+    """
+
+    image: np.ndarray
+    objects: list[SceneObject]
+    geometry: list[ObjectGeometry]
+    background: str
+    query: Query
+    is_sentence: bool
+    texts: list[str]
+    polygons: list[np.ndarray]
+
+    def to_record(self) -> dict:
+        """The ReasonSeg json of this sample (plain Python types only)."""
+        objects = []
+        for obj, geo in zip(self.objects, self.geometry):
+            objects.append(
+                {
+                    "shape": obj.shape,
+                    "colour": obj.colour,
+                    "rgb": list(obj.rgb),
+                    "center": [obj.center_x, obj.center_y],
+                    "radius": obj.radius,
+                    "rotation": obj.rotation,
+                    "full_area": geo.full_area,
+                    "visible_area": geo.visible_area,
+                    "visible_bbox": list(geo.bbox),
+                    "visible_centroid": [round(c, 2) for c in geo.centroid],
+                }
+            )
+        shapes = [
+            {"label": "target", "points": polygon.tolist(), "shape_type": "polygon"}
+            for polygon in self.polygons
+        ]
+        return {
+            "text": self.texts,
+            "is_sentence": self.is_sentence,
+            "shapes": shapes,
+            "query_type": self.query.query_type,
+            "query_subtype": self.query.subtype,
+            "target": self.query.target,
+            "reference": self.query.reference,
+            "objects": objects,
+            "background": self.background,
+            "image_size": list(self.image.shape[:2]),
+        }
+
+
+@dataclass
+class SyntheticSummary:
+    """What :func:`main` wrote: the ReasonSeg root and per-split counts (as in the stats file)."""
+
+    root: Path
+    stats: dict[str, dict]
+
+
+def query_schedule(rng: np.random.Generator, count: int) -> list[tuple[str, bool]]:
+    """``(query_type, is_sentence)`` for each of ``count`` images, balanced and shuffled.
+
+    Every block of 10 holds each of the 5 types once short and once long, so per split the type
+    counts differ by at most 1, short/long by at most 1, and ``count >= 5`` covers every type.
+    """
+    schedule = [(QUERY_TYPES[i % 5], bool((i // 5 + i % 5) % 2)) for i in range(count)]
+    return [schedule[int(k)] for k in rng.permutation(count)]
+
+
+def generate_sample(
+    rng: np.random.Generator, query_type: str, is_sentence: bool, config: SyntheticConfig
+) -> SyntheticSample:
+    """Draw scenes until one is clear and has a unique-answer query of ``query_type``.
+
+    Raises:
+        RuntimeError: if :data:`MAX_ATTEMPTS` scenes fail (it means the settings are too tight).
+    """
+    size = config.image_size
+    for _ in range(MAX_ATTEMPTS):
+        num_objects = int(rng.integers(config.min_objects, config.max_objects + 1))
+        allow_overlap = bool(rng.random() < config.overlap_probability)
+        objects = sample_objects(rng, size, size, num_objects, allow_overlap)
+        if objects is None:
+            continue
+        full_masks, visible_masks = render_masks(objects, size, size)
+        geometry = measure_objects(full_masks, visible_masks)
+        if not scene_is_clear(objects, visible_masks, geometry):
+            continue
+        candidates = candidate_queries(query_type, objects, geometry, size)
+        if not candidates:
+            continue
+        query = choose_query(rng, candidates)
+        polygons = mask_to_polygons(visible_masks[query.target])
+        shapes = [{"label": "target", "points": p.tolist()} for p in polygons]
+        # The stored polygons must rasterise (as ReasonSeg readers do) to exactly what is visible.
+        if not np.array_equal(
+            labelme_to_mask(shapes, size, size) == 1, visible_masks[query.target]
+        ):
+            continue
+        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        image = render_image(rng, objects, full_masks, background)
+        texts = phrase_query(rng, query, is_sentence, config.texts_per_query)
+        return SyntheticSample(
+            image, objects, geometry, background, query, is_sentence, texts, polygons
+        )
+    raise RuntimeError(
+        f"no clear scene with a unique {query_type} query in {MAX_ATTEMPTS} attempts "
+        f"(image_size={size}, objects {config.min_objects}-{config.max_objects})"
+    )
+
+
+def _jpeg_bytes(image: np.ndarray, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    # 4:4:4 chroma keeps the flat colours clean at object borders.
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=0)
+    return buffer.getvalue()
+
+
+def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> dict:
+    """Generate ``count`` images of ``split`` into ``root/<split>``; return its statistics."""
+    split_code = SPLITS.index(split)
+    schedule = query_schedule(np.random.default_rng([config.seed, split_code]), count)
+    partial = root / f".{split}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    types, subtypes, forms, overlaps, objects = Counter(), Counter(), Counter(), 0, 0
+    bar = tqdm(schedule, desc=f"synthetic {split}", unit="img", disable=not config.progress)
+    for index, (query_type, is_sentence) in enumerate(bar):
+        rng = np.random.default_rng([config.seed, split_code, index])
+        sample = generate_sample(rng, query_type, is_sentence, config)
+        stem = f"{split}_{index:05d}"
+        (partial / f"{stem}.jpg").write_bytes(_jpeg_bytes(sample.image, config.jpeg_quality))
+        (partial / f"{stem}.json").write_text(json.dumps(sample.to_record()) + "\n")
+        types[query_type] += 1
+        subtypes[f"{query_type}/{sample.query.subtype}"] += 1
+        forms["long" if is_sentence else "short"] += 1
+        overlaps += any(g.visible_area < g.full_area for g in sample.geometry)
+        objects += len(sample.objects)
+    final = root / split
+    if final.exists():
+        stale = root / f".{split}.stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale)
+    else:
+        os.replace(partial, final)
+    return {
+        "images": count,
+        "query_types": dict(sorted(types.items())),
+        "query_subtypes": dict(sorted(subtypes.items())),
+        "forms": dict(sorted(forms.items())),
+        "scenes_with_overlap": overlaps,
+        "mean_objects": round(objects / max(count, 1), 3),
+    }
+
+
+def main(config: SyntheticConfig) -> SyntheticSummary:
+    """Write every split, the resolved config and the statistics; return where they are."""
+    config.validate()
+    root = Path(config.out_dir) / "reason_seg" / "ReasonSeg"
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(config, root / "synthetic_config.json")
+    counts = {"train": config.num_train, "val": config.num_val, "test": config.num_test}
+    stats = {split: write_split(root, split, counts[split], config) for split in SPLITS}
+    stats_path = root / "synthetic_stats.json"
+    tmp = stats_path.with_name(stats_path.name + ".tmp")
+    tmp.write_text(json.dumps(stats, indent=2) + "\n")
+    os.replace(tmp, stats_path)
+    for split in SPLITS:
+        entry = stats[split]
+        types = " ".join(f"{name}={entry['query_types'].get(name, 0)}" for name in QUERY_TYPES)
+        logger.info(
+            "%s: %d images (%s; short=%d long=%d; %d with overlap)",
+            split,
+            entry["images"],
+            types,
+            entry["forms"].get("short", 0),
+            entry["forms"].get("long", 0),
+            entry["scenes_with_overlap"],
+        )
+    logger.info("synthetic ReasonSeg written to %s", root)
+    return SyntheticSummary(root, stats)
+
+
+if __name__ == "__main__":
+    setup_logging()
+    main(parse_config(SyntheticConfig, aliases={"out_dir": ["--dataset_dir"]}))
