@@ -78,7 +78,7 @@ class TrainConfig(LLMSegConfig, DataConfig):
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
     gradient_clipping: float = field(default=1.0, metadata={"help": "gradient norm clip"})
     zero_stage: int = field(
-        default=2, metadata={"help": "DeepSpeed ZeRO stage", "choices": [0, 1, 2]}
+        default=2, metadata={"help": "DeepSpeed ZeRO stage", "choices": [0, 1, 2, 3]}
     )
     workers: int = field(default=2, metadata={"help": "DataLoader workers per process"})
     seed: int = field(default=0, metadata={"help": "seed of data sampling and initialisation"})
@@ -98,6 +98,11 @@ class TrainConfig(LLMSegConfig, DataConfig):
         default="", metadata={"help": "run or ckpt_model folder to resume / evaluate from"}
     )
     auto_resume: bool = field(default=True, metadata={"help": "resume from the run's last save"})
+    init_weights: str = field(
+        default="",
+        metadata={"help": "start from the trainable weights of this run / ckpt_model / tag "
+                  "(its best save), with a fresh optimizer, schedule and step (fine-tuning)"},
+    )  # fmt: skip
     stop_at_step: int = field(
         default=0,
         metadata={"help": "save and exit after this optimizer step (for time-limited jobs; "
@@ -197,6 +202,8 @@ def main(config: TrainConfig) -> dict:
         gradient_clipping=config.gradient_clipping, precision=config.precision,
         zero_stage=config.zero_stage,
     )  # fmt: skip
+    if config.init_weights:  # a resume below overrides these with the run's own weights
+        load_trainable_weights(model, config.init_weights)
     engine, _, scheduler = initialize_engine(model, settings, device)
     ckpt_dir = log_dir / CHECKPOINT_DIR
     state = None
