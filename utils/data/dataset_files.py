@@ -73,17 +73,17 @@ class _FolderIndex:
     """Which files exist, one directory listing per folder (a stat per file is slow on NFS)."""
 
     def __init__(self):
-        self._listings: dict[Path, set[str]] = {}
+        self._listings: dict[str, set[str]] = {}
 
-    def exists(self, path: Path) -> bool:
-        folder = path.parent
+    def exists(self, path: str | os.PathLike) -> bool:
+        folder, name = os.path.split(os.fspath(path))  # str ops: pathlib costs seconds at 100k
         if folder not in self._listings:
             try:
-                with os.scandir(folder) as entries:
+                with os.scandir(folder or ".") as entries:
                     self._listings[folder] = {e.name for e in entries}
             except (FileNotFoundError, NotADirectoryError):
                 self._listings[folder] = set()
-        return path.name in self._listings[folder]
+        return name in self._listings[folder]
 
 
 def _examples(paths: list) -> str:
@@ -122,16 +122,18 @@ def keep_available(
     kept = []
     for item in items:
         needed = [image_path(item)] + (extra_files(item) if extra_files else [])
-        absent = [p for p in needed if not index.exists(Path(p))]
+        absent = [p for p in needed if not index.exists(p)]
         if absent:
             missing_files += absent
             continue
         if proposals is not None and proposal_key is not None:
             key = proposal_key(item)
-            if key not in proposals:
+            try:
+                count = proposals.num_proposals(key)
+            except KeyError:
                 not_in_store.append(key)
                 continue
-            if proposals.num_proposals(key) == 0:
+            if count == 0:
                 no_proposals.append(key)
                 if not strict:
                     continue
