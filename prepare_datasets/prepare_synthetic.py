@@ -35,6 +35,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import shutil
 from collections import Counter
@@ -71,6 +72,7 @@ from utils.masks import labelme_to_mask
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+MIN_RADIUS, MAX_RADIUS = 0.08, 0.2  # object circumradius range, fractions of the image side
 MAX_ATTEMPTS = 500  # scenes tried per image before giving up (a handful are needed in practice)
 
 
@@ -208,7 +210,11 @@ def generate_sample(
     for _ in range(MAX_ATTEMPTS):
         num_objects = int(rng.integers(config.min_objects, config.max_objects + 1))
         allow_overlap = bool(rng.random() < config.overlap_probability)
-        objects = sample_objects(rng, size, size, num_objects, allow_overlap)
+        # Crowded scenes get smaller objects (the same total area budget), else most of them
+        # would fail to place or to stay visible and scenes would skew towards 3 objects.
+        largest = max(MAX_RADIUS * math.sqrt(config.min_objects / num_objects), MIN_RADIUS + 0.04)
+        radius_range = (MIN_RADIUS, largest)
+        objects = sample_objects(rng, size, size, num_objects, allow_overlap, radius_range)
         if objects is None:
             continue
         full_masks, visible_masks = render_masks(objects, size, size)

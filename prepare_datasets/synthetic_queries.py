@@ -15,8 +15,9 @@ Uniqueness is checked by construction with margins: every candidate query is der
 measured scene, and a query is only offered when exactly one object satisfies a *loose* version of
 its condition and that object also satisfies a *strict* version (e.g. "the object above the star":
 exactly one object lies above the star's centre with any horizontal overlap, and that one overlaps
-by at least 40% and sits clearly higher). Shape-based queries need their target (and a reference
-named by its shape) at least 90% visible, so its corners can be counted in the picture.
+by at least 40%, sits clearly higher, and its bottom edge stays above the star's centre).
+Shape-based queries need their target (and a reference named by its shape) at least 90% visible,
+so its corners can be counted in the picture.
 """
 
 from __future__ import annotations
@@ -344,8 +345,13 @@ def _spatial_queries(objects, geometry, side: int) -> list[Query]:
             target = _unique(loose)
             if target is None:
                 continue
-            if offsets[target] >= RELATION_GAP * side and (
-                _overlap(geometry[target], ref, across) >= RELATION_OVERLAP
+            # The target's edge facing the reference must not pass the reference's centre.
+            facing = geometry[target].bbox[axis + (2 if sign < 0 else 0)]
+            clearly_beyond = sign * (facing - ref.centroid[axis]) >= 0
+            if (
+                clearly_beyond
+                and offsets[target] >= RELATION_GAP * side
+                and _overlap(geometry[target], ref, across) >= RELATION_OVERLAP
             ):
                 queries.append(Query("spatial", subtype, target, None, reference, phrase))
     return queries

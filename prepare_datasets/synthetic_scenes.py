@@ -339,7 +339,7 @@ def scene_is_clear(
     """Whether every object can be told apart in the picture.
 
     Each object must be visible in one piece, mostly unoccluded and not tiny, and objects that
-    touch (visible regions within 2 px) must have different colour names: two touching shapes of
+    touch (visible regions within 4 px) must have different colour names: two touching shapes of
     the same flat colour would read as one blob, and the ground truth would then draw a border
     the picture does not show.
 
@@ -351,7 +351,7 @@ def scene_is_clear(
             return False
         if geo.visible_fraction < min_visible_fraction:
             return False
-    kernel = np.ones((5, 5), dtype=np.uint8)  # 2 px in every direction
+    kernel = np.ones((9, 9), dtype=np.uint8)  # 4 px in every direction
     for i in range(len(objects)):
         grown = cv2.dilate(visible_masks[i].astype(np.uint8), kernel).astype(bool)
         for j in range(i + 1, len(objects)):
