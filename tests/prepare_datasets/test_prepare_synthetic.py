@@ -1,7 +1,10 @@
 """The synthetic ReasonSeg generator: determinism, unique answers, balance, masks vs the picture."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -304,3 +307,20 @@ def test_rerun_replaces_a_split_without_stale_files(tmp_path):
     assert sorted(p.name for p in val.glob("*.jpg")) == [f"val_{i:05d}.jpg" for i in range(5)]
     assert not list(val.parent.glob(".*"))  # no partial or stale folders left behind
     assert set(SHAPES) >= {o["shape"] for _, r in records(val.parent, "val") for o in r["objects"]}
+
+
+def test_cli_in_another_process_with_other_hash_seed_writes_the_same_files(dataset, tmp_path):
+    root = dataset[1].root
+    command = [sys.executable, "-m", "prepare_datasets.prepare_synthetic", "--dataset_dir"]
+    command += [str(tmp_path), "--seed", "7", "--num_train", "0", "--num_val", "10"]
+    command += ["--num_test", "0", "--image_size", str(SIZE), "--no-progress"]
+    environment = dict(os.environ, PYTHONHASHSEED="12345")
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "val: 10 images" in done.stdout
+    written = tmp_path / "reason_seg" / "ReasonSeg" / "val"
+    assert sorted(p.name for p in written.iterdir()) == sorted(
+        p.name for p in (root / "val").iterdir()
+    )
+    for path in written.iterdir():
+        assert path.read_bytes() == (root / "val" / path.name).read_bytes(), path.name
