@@ -79,7 +79,7 @@ def build_encoder(config, tokenizer, num_image_tokens: int) -> SampleEncoder:
     """
     settings = EncoderSettings(
         num_image_tokens=num_image_tokens,
-        clip_processor=clip_image_processor(config.vision_tower, _clip_size(config)),
+        clip_processor=clip_image_processor(*_clip_folder_and_size(config)),
         dino_image_size=config.dino_image_size,
         top_k=config.top_k_proposals,
         proposal_order=config.proposal_order,
@@ -91,13 +91,21 @@ def build_encoder(config, tokenizer, num_image_tokens: int) -> SampleEncoder:
     return SampleEncoder(tokenizer, conversation_format(config.conv_type), settings)
 
 
-def _clip_size(config) -> int:
-    """CLIP's input side, from the vision tower's config (224 for ViT-L/14)."""
-    clip_config = Path(config.vision_tower) / "config.json"
+def _clip_folder_and_size(config) -> tuple[Path, int]:
+    """The folder holding CLIP's preprocessing and CLIP's input side (224 for ViT-L/14).
+
+    ``--vision-tower`` when given; else the LLaVA config's ``mm_vision_tower`` (original layout)
+    or the LLaVA folder itself (``transformers`` layout, which embeds the vision config).
+    """
+    folder = Path(config.vision_tower) if config.vision_tower else None
+    if folder is None:
+        raw = json.loads((Path(config.version) / "config.json").read_text())
+        folder = Path(config.version) if "vision_config" in raw else Path(raw["mm_vision_tower"])
+    clip_config = folder / "config.json"
     if not clip_config.is_file():
-        raise FileNotFoundError(f"--vision-tower {config.vision_tower}: no config.json")
+        raise FileNotFoundError(f"vision tower {folder}: no config.json (set --vision-tower)")
     raw = json.loads(clip_config.read_text())
-    return raw.get("vision_config", raw).get("image_size", 224)
+    return folder, raw.get("vision_config", raw).get("image_size", 224)
 
 
 def _reason_seg_train(config) -> ReasonSegSource:

@@ -25,7 +25,7 @@ SHORT_QUESTION_TEMPLATES = (
     IMAGE_TOKEN + "\nCan you segment the {class_name} in this image?",
     IMAGE_TOKEN + "\nPlease segment the {class_name} in this image.",
     IMAGE_TOKEN + "\nWhat is {class_name} in this image? Please respond with segmentation mask.",
-    IMAGE_TOKEN + "\nWhat is {class_name} in this image? Please output segmentation mask.",
+    IMAGE_TOKEN + "\n What is {class_name} in this image? Please output segmentation mask.",
 )
 LONG_QUESTION_TEMPLATES = (
     IMAGE_TOKEN + "\n{sent} Please respond with segmentation mask.",
@@ -38,10 +38,11 @@ ANSWER_TEMPLATES = (
     "Sure, the segmentation result is [SEG].",
     "[SEG].",
 )
-# Evaluation is teacher-forced with a fixed prompt and answer, as upstream.
-VALIDATION_LONG_QUESTION = IMAGE_TOKEN + "\n{sent} Please output segmentation mask."
+# Evaluation is teacher-forced with a fixed prompt and answer, as upstream (whose validation
+# prompts, unlike its training ones, have a space after the newline).
+VALIDATION_LONG_QUESTION = IMAGE_TOKEN + "\n {sent} Please output segmentation mask."
 VALIDATION_SHORT_QUESTION = (
-    IMAGE_TOKEN + "\nWhat is {class_name} in this image? Please output segmentation mask."
+    IMAGE_TOKEN + "\n What is {class_name} in this image? Please output segmentation mask."
 )
 VALIDATION_ANSWER = "[SEG]."
 

@@ -54,7 +54,7 @@ def test_items_and_eval_record(dataset):
     record = reason_seg_eval_record(items[0])
     assert record.groups == ("long",)  # img_000 has is_sentence true
     (turns,) = record.conversations
-    assert turns == [("<image>\nthe red object that stands out Please output segmentation mask.",
+    assert turns == [("<image>\n the red object that stands out Please output segmentation mask.",
                       "[SEG].")]  # fmt: skip
     masks = record.masks(48, 56)
     assert masks.shape == (1, 48, 56)
