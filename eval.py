@@ -17,12 +17,14 @@ per-image CSV.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from model.builder import CONFIG_ALIASES, LLMSegConfig, build_llm_seg, setup_trainable
+from model.export import load_exported
 from utils.config import parse_config, save_config
 from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, eval_records
 from utils.device import resolve_device, resolve_dtype
@@ -40,6 +42,9 @@ class EvalConfig(LLMSegConfig, DataConfig):
 
     checkpoint: str = field(
         default="", metadata={"help": "training run / ckpt_model / global_step folder"}
+    )
+    model_dir: str = field(
+        default="", metadata={"help": "an export folder (python -m model.export) instead"}
     )
     checkpoint_tag: str = field(
         default="best", metadata={"help": "which save of a run", "choices": ["best", "latest"]}
@@ -68,17 +73,22 @@ def main(config: EvalConfig) -> dict:
         records = eval_records(config, config.val_dataset, with_proposals=False)
         return score_prediction_folder(records, config.pred_dir, out_json)
 
-    if not config.checkpoint:
-        raise ValueError("--checkpoint is required (or --pred_dir to score saved masks)")
+    if not config.checkpoint and not config.model_dir:
+        raise ValueError("--checkpoint or --model_dir is required (or --pred_dir for saved masks)")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.precision)
     init_process_group(device)
+    model_config = LLMSegConfig(**{f.name: getattr(config, f.name) for f in fields(LLMSegConfig)})
+    if config.model_dir:  # sizes and preprocessing come from the export
+        exported = load_exported(config.model_dir, device, dtype)
+        model, tokenizer = exported.model, exported.tokenizer
+        config = dataclasses.replace(config, **exported.manifest.encoder_fields())
+    else:
+        model, tokenizer = build_llm_seg(model_config, device, dtype)
+        setup_trainable(model, model_config)
+        load_trainable_weights(model, config.checkpoint, config.checkpoint_tag)
     if is_main_process():
         save_config(config, Path(config.out_dir) / "eval_config.json")
-    model_config = LLMSegConfig(**{f.name: getattr(config, f.name) for f in fields(LLMSegConfig)})
-    model, tokenizer = build_llm_seg(model_config, device, dtype)
-    setup_trainable(model, model_config)
-    load_trainable_weights(model, config.checkpoint, config.checkpoint_tag)
     dataset = build_eval_dataset(
         config, build_encoder(config, tokenizer, model.num_image_tokens), config.val_dataset
     )

@@ -122,6 +122,12 @@ class ExportManifest:
     format: str = EXPORT_FORMAT
     format_version: int = EXPORT_FORMAT_VERSION
 
+    def encoder_fields(self) -> dict:
+        """The model / data config fields a sample encoder needs (``build_encoder``'s)."""
+        sizes = ("vision_tower", "dino_image_size", "proposal_map_size", "model_max_length")
+        fields = {name: getattr(self.model, name) for name in sizes}
+        return {**fields, **dataclasses.asdict(self.preprocessing)}
+
 
 def _from_dict(cls, data: dict, where: str):
     known = {f.name for f in dataclasses.fields(cls)}
@@ -494,6 +500,8 @@ def export_training_run(
     """
     if kind not in EXPORT_KINDS:
         raise ValueError(f"unknown export kind {kind!r}; expected {EXPORT_KINDS}")
+    if not Path(checkpoint).exists():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint file or folder")
     config_path = Path(run_config) if run_config else find_run_config(checkpoint)
     run = {**json.loads(config_path.read_text()), **(model_overrides or {})}
     model_config = _pick(LLMSegConfig, run)
