@@ -210,7 +210,8 @@ def load_deepspeed_file(path: str | os.PathLike) -> dict:
     ]
     try:
         with torch.serialization.safe_globals(stand_ins):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # mmap: a 7B checkpoint's tensors are paged in when used, not all read up front
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # the unpickler raises many types; all mean "unreadable"
         raise CheckpointError(f"{path}: cannot be read safely ({error})") from error
 

@@ -1,0 +1,331 @@
+"""Segment images from text with an exported LLM-Seg: one image, a folder, a jsonl, or a prompt.
+
+Export a training run (``python -m model.export``) or convert the official checkpoint
+(``python -m model.convert_llmseg_checkpoint``) first, then::
+
+    # one image; proposals from SAM on the fly
+    python chat.py --model_dir exported/llmseg --sam_checkpoint sam_vit_h_4b8939.pth \\
+        --image photo.jpg --query "the thing you would sit on"
+    # a folder (same query for every image) or a jsonl of {"image", "query"[, "id", "key"]}
+    python chat.py --model_dir exported/llmseg --proposals store \\
+        --proposal_store sam_masks/reason_seg/ReasonSeg/val --input pairs.jsonl
+    # interactive: asks for an image path, then a query, until an empty line
+    python chat.py --model_dir exported/llmseg --sam_checkpoint sam_vit_h_4b8939.pth
+
+Per query, ``--out_dir`` receives ``<name>_mask.png`` (0/255, the union of the ``[SEG]`` masks),
+``<name>_overlay.png`` (the mask in red with the answer above it) and ``<name>.json`` (answer,
+selected proposals, every proposal's cosine and IoP). Without a ``[SEG]`` in the answer the mask
+is empty and both the answer and the JSON say why. Batch modes write ``summary.json`` listing
+any inputs that failed (unreadable image, missing proposals) with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from model.export import load_exported
+from prepare_datasets.proposals import GeneratorConfig, build_generator
+from utils.checkpoint import CheckpointError
+from utils.config import parse_config, save_config
+from utils.data.images import ImageReadError, load_rgb_image
+from utils.device import resolve_device, resolve_dtype
+from utils.evaluation import overlay
+from utils.inference import (
+    MODES,
+    TEMPLATES,
+    GeneratedProposals,
+    InferenceSettings,
+    SegmentationAnswer,
+    Segmenter,
+    StoreProposals,
+)
+from utils.logging_setup import setup_logging
+
+logger = logging.getLogger("chat")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Per-input problems that batch modes record and skip (anything else stops the run).
+INPUT_ERRORS = (ImageReadError, KeyError, ValueError)
+
+
+@dataclass
+class ChatConfig:
+    """Segment images from text queries with an exported LLM-Seg."""
+
+    model_dir: str = field(default="", metadata={"help": "export folder (model.export / convert)"})
+    image: str = field(default="", metadata={"help": "one image (with --query)"})
+    query: str = field(default="", metadata={"help": "the query (for --image or a folder)"})
+    input: str = field(default="", metadata={"help": "batch: a folder of images or a .jsonl"})
+    out_dir: str = field(default="./chat_out", metadata={"help": "where results are written"})
+    mode: str = field(
+        default="free",
+        metadata={"help": "free: the model answers; teacher_forced: answer fixed to '[SEG].'",
+                  "choices": list(MODES)},
+    )  # fmt: skip
+    template: str = field(
+        default="long",
+        metadata={"help": "long: '<q> Please output segmentation mask.'; short: 'What is <q> in "
+                  "this image? ...'; raw: the query as written", "choices": list(TEMPLATES)},
+    )  # fmt: skip
+    max_new_tokens: int = field(default=128, metadata={"help": "free mode: answer length cap"})
+    proposals: str = field(
+        default="sam",
+        metadata={"help": "sam / sam_reference (SAM everything on the fly), store (read a "
+                  "prepared store), weightfree (demo backend, no weights)",
+                  "choices": ["sam", "sam_reference", "store", "weightfree"]},
+    )  # fmt: skip
+    proposal_store: str = field(default="", metadata={"help": "store file or split folder"})
+    sam_checkpoint: str = field(default="", metadata={"help": "SAM weights (sam_vit_h_4b8939.pth)"})
+    sam_model_type: str = field(default="vit_h", metadata={"choices": ["vit_h", "vit_l", "vit_b"]})
+    points_per_side: int = field(default=32, metadata={"help": "SAM prompt grid side"})
+    pred_iou_thresh: float = field(default=0.88, metadata={"help": "SAM proposal filter"})
+    stability_score_thresh: float = field(default=0.95, metadata={"help": "SAM proposal filter"})
+    selection: str = field(
+        default="",
+        metadata={"help": "argmax, iop, hybrid, topk_iop (default: the export's)"},
+    )
+    iop_threshold: float | None = field(default=None, metadata={"help": "default: export's"})
+    selection_top_k: int | None = field(default=None, metadata={"help": "default: export's"})
+    precision: str = field(
+        default="bf16", metadata={"help": "model dtype", "choices": ["fp32", "bf16", "fp16"]}
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit LLM (bitsandbytes, CUDA)"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "4-bit LLM (bitsandbytes, CUDA)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    vision_tower: str = field(default="", metadata={"help": "override the export's CLIP path"})
+    dinov2: str = field(default="", metadata={"help": "override the export's DINOv2 path"})
+
+
+@dataclass
+class ChatItem:
+    """One (image, query) to run; ``name`` prefixes its output files."""
+
+    image: Path
+    query: str
+    name: str
+    key: str
+
+
+def build_segmenter(config: ChatConfig) -> Segmenter:
+    """Load the export and the proposal source ``config`` names."""
+    if not config.model_dir:
+        raise ValueError("--model_dir is required (an export folder)")
+    device = resolve_device(config.device)
+    exported = load_exported(
+        config.model_dir, device, resolve_dtype(config.precision), config.load_in_8bit,
+        config.load_in_4bit, vision_tower=config.vision_tower, dinov2=config.dinov2,
+    )  # fmt: skip
+    if config.proposals == "store":
+        if not config.proposal_store:
+            raise ValueError("--proposals store needs --proposal_store")
+        source = StoreProposals(config.proposal_store)
+    else:
+        generator = build_generator(
+            GeneratorConfig(
+                backend=config.proposals, vision_pretrained=config.sam_checkpoint or None,
+                model_type=config.sam_model_type, device=str(device),
+                points_per_side=config.points_per_side, pred_iou_thresh=config.pred_iou_thresh,
+                stability_score_thresh=config.stability_score_thresh,
+            )
+        )  # fmt: skip
+        source = GeneratedProposals(generator, config.proposals)
+    chosen = exported.manifest.selection
+    settings = InferenceSettings(
+        mode=config.mode,
+        template=config.template,
+        max_new_tokens=config.max_new_tokens,
+        strategy=config.selection or chosen.strategy,
+        threshold=chosen.threshold if config.iop_threshold is None else config.iop_threshold,
+        top_k=chosen.top_k if config.selection_top_k is None else config.selection_top_k,
+    )
+    return Segmenter(exported, source, settings)
+
+
+def list_inputs(config: ChatConfig) -> list[ChatItem]:
+    """The items of ``--image`` or ``--input`` (folder + ``--query``, or a jsonl)."""
+    if config.image:
+        if not config.query:
+            raise ValueError("--image needs --query")
+        image = Path(config.image)
+        return [ChatItem(image, config.query, image.stem, image.name)]
+    source = Path(config.input)
+    if source.is_dir():
+        if not config.query:
+            raise ValueError(f"--input {source} is a folder: give the query with --query")
+        images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise ValueError(f"--input {source}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        names = [p.stem for p in images]
+        return [
+            ChatItem(p, config.query, p.stem if names.count(p.stem) == 1 else p.name, p.name)
+            for p in images
+        ]
+    if source.suffix == ".jsonl" and source.is_file():
+        return _read_jsonl(source)
+    raise FileNotFoundError(f"--input {source}: not a folder or an existing .jsonl file")
+
+
+def _read_jsonl(path: Path) -> list[ChatItem]:
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            image, query = Path(record["image"]), str(record["query"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f'{path}:{number}: expected {{"image": ..., "query": ...}} ({error})'
+            ) from None
+        image = image if image.is_absolute() else path.parent / image
+        name = str(record.get("id", f"{number:05d}_{image.stem}"))
+        items.append(ChatItem(image, query, name, str(record.get("key", image.name))))
+    if not items:
+        raise ValueError(f"{path}: no (image, query) lines")
+    return items
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _captioned(image: np.ndarray, caption: str) -> np.ndarray:
+    """``image`` below a white band holding ``caption`` (wrapped to the image width)."""
+    scale = max(image.shape[1] / 800, 0.35)
+    chars = max(int(image.shape[1] / (10 * scale)), 10)
+    lines = [caption[i : i + chars] for i in range(0, min(len(caption), 4 * chars), chars)]
+    line_height = int(22 * scale) + 4
+    band = np.full((line_height * len(lines) + 6, image.shape[1], 3), 255, np.uint8)
+    for row, text in enumerate(lines):
+        origin = (4, line_height * (row + 1))
+        cv2.putText(band, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, (0, 0, 0),
+                    max(int(scale), 1), cv2.LINE_AA)  # fmt: skip
+    return np.concatenate([band, image])
+
+
+def write_answer(item: ChatItem, image: np.ndarray, answer: SegmentationAnswer, out_dir: Path,
+                 seconds: float, proposal_source: str) -> dict:  # fmt: skip
+    """Write the mask, overlay and JSON of one answer; return the JSON record."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mask_file, overlay_file = f"{item.name}_mask.png", f"{item.name}_overlay.png"
+    _save_png(answer.mask.astype(np.uint8) * 255, out_dir / mask_file)
+    shown = overlay(image, answer.mask, (255, 0, 0))
+    caption = f"Q: {item.query} | A: {answer.answer}"
+    _save_png(_captioned(shown, caption), out_dir / overlay_file)
+    record = {
+        "image": str(item.image),
+        "query": item.query,
+        "mode": answer.mode,
+        "prompt": answer.prompt,
+        "answer": answer.answer,
+        "num_seg_tokens": len(answer.rounds),
+        "note": answer.note,
+        "image_size": list(image.shape[:2]),
+        "mask_area": int(answer.mask.sum()),
+        "proposal_source": proposal_source,
+        "num_proposals": answer.num_proposals,
+        "selection": answer.settings,
+        "rounds": [
+            {"selected": r.selected, "mask_area": int(r.mask.sum()),
+             "proposals": [asdict(p) for p in r.proposals]}
+            for r in answer.rounds
+        ],
+        "mask": mask_file,
+        "overlay": overlay_file,
+        "seconds": round(seconds, 3),
+    }  # fmt: skip
+    tmp = out_dir / f"{item.name}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out_dir / f"{item.name}.json")
+    return record
+
+
+def run_item(segmenter: Segmenter, item: ChatItem, out_dir: Path) -> dict:
+    """Segment one item and write its files."""
+    started = time.time()
+    image = load_rgb_image(item.image)
+    answer = segmenter(image, item.query, item.key)
+    elapsed = time.time() - started
+    return write_answer(item, image, answer, out_dir, elapsed, segmenter.proposals.name)
+
+
+def run_batch(segmenter: Segmenter, items: list[ChatItem], out_dir: Path) -> dict:
+    """Every item, with a progress bar; failures are recorded in ``summary.json`` and skipped."""
+    done, failed = [], []
+    for item in tqdm(items, desc="chat", unit="query"):
+        try:
+            done.append(run_item(segmenter, item, out_dir)["mask"])
+        except INPUT_ERRORS as error:
+            logger.error("%s: %s", item.image, error)
+            failed.append({"image": str(item.image), "query": item.query, "error": str(error)})
+    summary = {"written": len(done), "failed": failed}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if failed:
+        logger.warning("%d of %d inputs failed; see %s", len(failed), len(items), out_dir)
+    return summary
+
+
+def interactive(segmenter: Segmenter, out_dir: Path) -> list[dict]:
+    """Ask for an image path and a query until an empty line (or end of input)."""
+    records, count = [], 0
+    while True:
+        try:
+            path = input("Image path (empty line to quit): ").strip()
+            if not path:
+                break
+            query = input("Query: ").strip()
+        except EOFError:
+            break
+        count += 1
+        item = ChatItem(Path(path), query, f"{count:03d}_{Path(path).stem}", Path(path).name)
+        try:
+            record = run_item(segmenter, item, out_dir)
+        except INPUT_ERRORS as error:
+            sys.stdout.write(f"error: {error}\n")
+            continue
+        records.append(record)
+        sys.stdout.write(f"Answer: {record['answer']}\nMask: {out_dir / record['mask']}\n")
+    return records
+
+
+def main(config: ChatConfig, segmenter: Segmenter | None = None):
+    """Run ``config``: one image, a batch, or the interactive prompt.
+
+    Args:
+        config: the command line.
+        segmenter: an already built one (tests; default: :func:`build_segmenter`).
+    Returns:
+        the JSON record (one image), the summary (batch) or the records (interactive).
+    """
+    setup_logging()
+    if config.image and config.input:
+        raise ValueError("give --image or --input, not both")
+    items = list_inputs(config) if (config.image or config.input) else None
+    out_dir = Path(config.out_dir)
+    save_config(config, out_dir / "chat_config.json")
+    segmenter = segmenter or build_segmenter(config)
+    if items is None:
+        return interactive(segmenter, out_dir)
+    if config.image:
+        return run_item(segmenter, items[0], out_dir)
+    return run_batch(segmenter, items, out_dir)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_config(ChatConfig, sys.argv[1:]))
+    except (*INPUT_ERRORS, FileNotFoundError, CheckpointError, RuntimeError) as error:
+        sys.exit(f"chat.py: error: {error}")

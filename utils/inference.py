@@ -1,0 +1,312 @@
+"""Segmenting one image from one query with an exported LLM-Seg (what ``chat.py`` runs).
+
+Two modes:
+
+* ``free``: the model writes its own answer (greedy decoding); every ``[SEG]`` it emits becomes
+  a mask. The answer is then scored in one teacher-forced pass over prompt + answer, so a
+  generated ``[SEG]`` is scored exactly as :meth:`LLMSegModel.score` scores a given one (the
+  hidden state before ``[SEG]`` only depends on the tokens before it). No ``[SEG]``: the answer
+  says so and the mask is empty.
+* ``teacher_forced``: upstream's evaluation protocol: the answer is fixed to ``"[SEG]."``.
+
+Proposals come from a store written by ``prepare_datasets`` (keyed by image name) or are made on
+the fly by a generator (SAM everything, or the weight-free demo backend) on the image shrunk to a
+longest side of 1024, as the prepare scripts do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import LogitsProcessorList
+
+from model.features import preprocess_for_dinov2
+from model.inputs import LLMSegBatch
+from model.selection import SELECTION_STRATEGIES
+from model.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
+from utils.data.conversation import (
+    VALIDATION_ANSWER,
+    VALIDATION_LONG_QUESTION,
+    VALIDATION_SHORT_QUESTION,
+    conversation_format,
+    encode_conversation,
+)
+from utils.data.images import clip_image_processor, preprocess_for_clip
+from utils.masks import resize_longest_side
+from utils.proposal_store import ImageProposals, ProposalReader, build_proposal_sample
+
+logger = logging.getLogger(__name__)
+
+MODES = ("free", "teacher_forced")
+TEMPLATES = ("long", "short", "raw")
+NO_SEG_NOTE = "The model did not produce a [SEG] token, so no mask was made."
+
+
+@dataclass
+class InferenceSettings:
+    """How a query is asked and how scores become a mask."""
+
+    mode: str = "free"
+    template: str = "long"  # long: "{query} Please output segmentation mask." as in evaluation
+    max_new_tokens: int = 128
+    strategy: str = "iop"
+    threshold: float = 0.5
+    top_k: int = 5
+
+    def validate(self) -> None:
+        for name, value, allowed in (
+            ("mode", self.mode, MODES),
+            ("template", self.template, TEMPLATES),
+            ("strategy", self.strategy, SELECTION_STRATEGIES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+
+
+@dataclass
+class ProposalScore:
+    """One proposal as the model saw it.
+
+    Attributes:
+        index: its row in the image's stored / generated proposals.
+        area: pixels at the proposal resolution.
+        bbox: x y w h at the proposal resolution.
+        cosine: cosine between its embedding and the ``[SEG]`` embedding.
+        iop: the IoP head's estimate of how much of it lies inside the target.
+        selected: part of the mask.
+    """
+
+    index: int
+    area: int
+    bbox: list[float]
+    cosine: float
+    iop: float
+    selected: bool
+
+
+@dataclass
+class SegmentationRound:
+    """The mask of one ``[SEG]``: ``mask`` is ``(H, W)`` bool at the image size."""
+
+    mask: np.ndarray
+    proposals: list[ProposalScore]
+
+    @property
+    def selected(self) -> list[int]:
+        return [p.index for p in self.proposals if p.selected]
+
+
+@dataclass
+class SegmentationAnswer:
+    """Everything one query produced.
+
+    Attributes:
+        query: the user's text.
+        prompt: the rendered prompt the model read (image placeholders not expanded).
+        answer: the model's answer text (``[SEG]`` kept), or the fixed teacher-forced one.
+        mode: ``free`` or ``teacher_forced``.
+        rounds: one per ``[SEG]`` in the answer.
+        mask: ``(H, W)`` bool union of the rounds' masks (all false without ``[SEG]``).
+        num_proposals: proposals the model scored.
+        note: why the mask is empty, when it is.
+    """
+
+    query: str
+    prompt: str
+    answer: str
+    mode: str
+    rounds: list[SegmentationRound]
+    mask: np.ndarray
+    num_proposals: int
+    note: str = ""
+    settings: dict = field(default_factory=dict)
+
+
+class StoreProposals:
+    """Proposals read from a ``prepare_datasets`` store (``masks.h5`` / ``masks.json``)."""
+
+    def __init__(self, path) -> None:
+        self.reader = ProposalReader(path)
+        self.name = f"store:{self.reader.path}"
+
+    def __call__(self, image: np.ndarray, key: str) -> ImageProposals:
+        if key not in self.reader:
+            raise KeyError(f"{self.reader.path}: no proposals for {key!r}; is it the image's name?")
+        proposals = self.reader.get(key)
+        image_ratio = image.shape[0] / image.shape[1]
+        if abs(proposals.height / proposals.width - image_ratio) > 0.02 * image_ratio:
+            raise ValueError(
+                f"{self.reader.path}: proposals of {key!r} are {proposals.height}x"
+                f"{proposals.width}, the image is {image.shape[0]}x{image.shape[1]}"
+            )
+        return proposals
+
+
+class GeneratedProposals:
+    """Proposals made on the fly by ``generator`` on the image shrunk to ``max_side``."""
+
+    def __init__(self, generator: Callable[[np.ndarray], ImageProposals], name: str, max_side=1024):
+        self.generator, self.name, self.max_side = generator, name, max_side
+
+    def __call__(self, image: np.ndarray, key: str) -> ImageProposals:
+        return self.generator(resize_longest_side(image, self.max_side))
+
+
+def build_question(query: str, template: str) -> str:
+    """The first user turn for ``query`` (with the ``<image>`` placeholder)."""
+    query = query.strip()
+    if not query:
+        raise ValueError("the query is empty")
+    if IMAGE_TOKEN in query or SEG_TOKEN in query:
+        raise ValueError(f"the query may not contain {IMAGE_TOKEN} or {SEG_TOKEN}: {query!r}")
+    if template == "long":
+        return VALIDATION_LONG_QUESTION.format(sent=query)
+    if template == "short":
+        return VALIDATION_SHORT_QUESTION.format(class_name=query)
+    return f"{IMAGE_TOKEN}\n{query}"
+
+
+class Segmenter:
+    """Image + query -> :class:`SegmentationAnswer`, with an exported model.
+
+    Args:
+        exported: from :func:`model.export.load_exported`.
+        proposals: a proposal source (:class:`StoreProposals`, :class:`GeneratedProposals`).
+        settings: mode, template, selection.
+        logits_processor: extra ``transformers`` logits processors for free generation.
+    """
+
+    def __init__(self, exported, proposals, settings: InferenceSettings, logits_processor=None):
+        settings.validate()
+        self.model, self.tokenizer = exported.model, exported.tokenizer
+        self.manifest = exported.manifest
+        self.proposals, self.settings = proposals, settings
+        self.logits_processor = logits_processor
+        self.format = conversation_format(self.manifest.preprocessing.conv_type)
+        tower = self.model.backbone.vision_tower.config
+        self.clip_processor = clip_image_processor(
+            self.manifest.model.vision_tower, tower.image_size
+        )
+        self.device = next(self.model.dino.parameters()).device
+        self.dtype = next(self.model.proposal_scorer.parameters()).dtype
+
+    def encode(self, question: str, answer: str | None) -> tuple[torch.Tensor, str]:
+        """``(input_ids (L,), rendered text)`` of one turn; ``answer=None`` leaves it open."""
+        encoded = encode_conversation(
+            self.tokenizer,
+            [(question, answer)],
+            self.model.num_image_tokens,
+            self.format,
+            self.manifest.architecture.use_im_start_end,
+            self.manifest.model.model_max_length,
+        )
+        return encoded.input_ids, encoded.text
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, clip_pixels: torch.Tensor) -> torch.Tensor:
+        """Greedy answer ids ``(T,)`` after ``prompt_ids`` (eos included when reached)."""
+        backbone = self.model.backbone
+        input_ids = prompt_ids[None].to(self.device)
+        embeds = backbone.embed_inputs(
+            input_ids,
+            clip_pixels.to(self.device),
+            torch.zeros(1, dtype=torch.long, device=self.device),
+        )
+        # Image tags are input-only tokens; a random or weak model must not "answer" with them.
+        suppress = self.tokenizer.convert_tokens_to_ids(
+            [IMAGE_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN]
+        )
+        generated = backbone.language_model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=self.settings.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            suppress_tokens=[t for t in suppress if t != self.tokenizer.unk_token_id],
+            logits_processor=LogitsProcessorList(self.logits_processor or []),
+        )
+        return generated[0].cpu()
+
+    def __call__(self, image: np.ndarray, query: str, key: str = "") -> SegmentationAnswer:
+        """Segment ``image`` ``(H, W, 3)`` uint8 RGB for ``query``; ``key`` names it in a store."""
+        settings, manifest = self.settings, self.manifest
+        question = build_question(query, settings.template)
+        proposals = self.proposals(image, key)
+        sample = build_proposal_sample(
+            proposals,
+            None,
+            top_k=manifest.preprocessing.top_k_proposals,
+            order=manifest.preprocessing.proposal_order,
+            size=manifest.model.proposal_map_size,
+            antialias=manifest.preprocessing.antialias,
+        )
+        clip_pixels = preprocess_for_clip(self.clip_processor, image)[None]
+        dino_pixels, _ = preprocess_for_dinov2(image, manifest.model.dino_image_size)
+        if settings.mode == "teacher_forced":
+            input_ids, prompt = self.encode(question, VALIDATION_ANSWER)
+            answer = VALIDATION_ANSWER
+        else:
+            prompt_ids, prompt = self.encode(question, None)
+            answer_ids = self.generate(prompt_ids, clip_pixels)
+            input_ids = torch.cat([prompt_ids, answer_ids])
+            answer = self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        batch = LLMSegBatch(
+            input_ids=input_ids[None],
+            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
+            labels=None,
+            clip_pixels=clip_pixels,
+            dino_pixels=dino_pixels[None],
+            image_index=torch.zeros(1, dtype=torch.long),
+            proposal_masks=[sample.weight_maps],
+        )
+        height, width = image.shape[:2]
+        results = self.model.predict_masks(
+            batch.to(self.device, self.dtype), [sample.masks], settings.strategy,
+            settings.threshold, settings.top_k, output_sizes=[(height, width)],
+        )[0]  # fmt: skip
+        rounds = [_round(result, sample) for result in results]
+        mask = np.zeros((height, width), bool)
+        for round_ in rounds:
+            mask |= round_.mask
+        note = ""
+        if not rounds:
+            note = NO_SEG_NOTE
+            answer = f"{answer} [{NO_SEG_NOTE}]" if answer else NO_SEG_NOTE
+        elif len(sample.indices) == 0:
+            note = "No mask proposals for this image, so the mask is empty."
+        elif not mask.any():
+            note = f"No proposal passed the {settings.strategy} selection, so the mask is empty."
+        return SegmentationAnswer(
+            query=query,
+            prompt=prompt,
+            answer=answer,
+            mode=settings.mode,
+            rounds=rounds,
+            mask=mask,
+            num_proposals=len(sample.indices),
+            note=note,
+            settings={"strategy": settings.strategy, "threshold": settings.threshold,
+                      "top_k": settings.top_k, "template": settings.template},
+        )  # fmt: skip
+
+
+def _round(result, sample) -> SegmentationRound:
+    selected = set(result.selected)
+    scores = [
+        ProposalScore(
+            index=int(sample.indices[k]),
+            area=int(sample.masks[k].sum()),
+            bbox=[round(float(v), 2) for v in sample.bbox[k]],
+            cosine=float(result.similarity[k]),
+            iop=float(result.iop[k]),
+            selected=k in selected,
+        )
+        for k in range(len(sample.indices))
+    ]
+    return SegmentationRound(mask=result.mask.cpu().numpy().astype(bool), proposals=scores)
