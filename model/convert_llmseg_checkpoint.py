@@ -100,8 +100,9 @@ _LLAMA_LAYER = (
     r"(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj"
     r"|input_layernorm|post_attention_layernorm)"
 )
-# (pattern, category, target): the target is a re.sub template for the key inside its part.
-KEY_RULES: list[tuple[re.Pattern, str, str | None]] = [
+# (pattern, category, target): the target is a re.sub template for the key inside its part;
+# None drops the tensor. The first matching rule wins.
+_RULES = [
     (r"^model\.text_hidden_fcs\.0\.([02])\.(weight|bias)$", "head", r"text_projection.\1.\2"),
     (r"^model\.lisa_dino_conv\.(weight|bias)$", "head", r"proposal_scorer.feature_proj.\1"),
     (rf"^model\.lisa_attention_layers\.(\d+)\.({_BLOCK_PART})\.(weight|bias)$", "head",
@@ -115,14 +116,17 @@ KEY_RULES: list[tuple[re.Pattern, str, str | None]] = [
     (r"^model\.mm_projector\.(weight|bias)$", "projector", r"\1"),
     (r"^(model\.layers\.\d+\.self_attn\.[qkvo]_proj)\.lora_([AB])(?:\.default)?\.weight$", "lora",
      r"\1 \2"),
-    (r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$", "dropped_rotary", None),
+    (r"^model\.layers\.\d+\.self_attn\.rotary_emb\.(?:inv_freq|cos_cached|sin_cached)$",
+     "dropped_rotary", None),
     (rf"^(model\.layers\.\d+\.{_LLAMA_LAYER})(?:\.base_layer)?\.(weight|bias)$", "llm", r"\1.\2"),
     (r"^(model\.(?:embed_tokens|norm)\.weight|lm_head\.weight)$", "llm", r"\1"),
     (r"^model\.visual_model_dinov2\.(.+)$", "dinov2", r"\1"),
     (r"^model\.vision_tower\.vision_tower\.(?:vision_model\.)?(.+)$", "vision_tower", r"\1"),
     (r"^model\.visual_model\..+$", "dropped_sam", None),
 ]  # fmt: skip
-KEY_RULES = [(re.compile(pattern), category, target) for pattern, category, target in KEY_RULES]
+KEY_RULES: list[tuple[re.Pattern, str, str | None]] = [
+    (re.compile(pattern), category, target) for pattern, category, target in _RULES
+]
 
 
 @dataclass

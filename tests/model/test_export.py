@@ -284,3 +284,17 @@ def test_two_rank_zero3_run_exports(tiny_checkpoints, tmp_path):
     reference, tokenizer = _reference(tmp_path / "ddp")
     exported = load_exported(export_training_run(tmp_path / "ddp", tmp_path / "e", which="latest"))
     _assert_same_predictions(reference, tokenizer, exported)
+
+
+def test_vision_tower_from_a_transformers_llava_folder(tmp_path):
+    """A LLaVA-1.5 base in the transformers layout holds its CLIP: the export can point there."""
+    from model.export import load_vision_tower
+    from model.llava_checkpoint import save_llava_transformers
+    from model.tiny import build_tiny_llava
+
+    backbone, tokenizer, _ = build_tiny_llava(projector_type="mlp2x_gelu")
+    save_llava_transformers(tmp_path / "llava-hf", backbone, tokenizer)
+    tower = load_vision_tower(tmp_path / "llava-hf", torch.float32).state_dict()
+    expected = backbone.vision_tower.state_dict()
+    assert set(tower) == set(expected)
+    assert all(torch.equal(tower[k], v) for k, v in expected.items())
