@@ -225,6 +225,11 @@ def write_answer(item: ChatItem, image: np.ndarray, answer: SegmentationAnswer, 
     shown = overlay(image, answer.mask, (255, 0, 0))
     caption = f"Q: {item.query} | A: {answer.answer}"
     _save_png(_captioned(shown, caption), out_dir / overlay_file)
+    round_masks = []
+    if len(answer.rounds) > 1:  # one file per [SEG] besides the union
+        for index, round_ in enumerate(answer.rounds):
+            round_masks.append(f"{item.name}_mask_{index}.png")
+            _save_png(round_.mask.astype(np.uint8) * 255, out_dir / round_masks[-1])
     record = {
         "image": str(item.image),
         "query": item.query,
@@ -240,8 +245,9 @@ def write_answer(item: ChatItem, image: np.ndarray, answer: SegmentationAnswer, 
         "selection": answer.settings,
         "rounds": [
             {"selected": r.selected, "mask_area": int(r.mask.sum()),
+             "mask": round_masks[i] if round_masks else mask_file,
              "proposals": [asdict(p) for p in r.proposals]}
-            for r in answer.rounds
+            for i, r in enumerate(answer.rounds)
         ],
         "mask": mask_file,
         "overlay": overlay_file,

@@ -511,7 +511,8 @@ def export_training_run(
         setattr(model_config, name, str(Path(path).resolve()) if path else path)
     model_config.precision = {v: k for k, v in PRECISIONS.items()}[save_dtype]
     build_config = dataclasses.replace(model_config, gradient_checkpointing=False)
-    model, tokenizer = build_llm_seg(build_config, "cpu", torch.float32)
+    # Built in the output dtype (a 7B model in fp32 needs 28 GB); peft merges in fp32 anyway.
+    model, tokenizer = build_llm_seg(build_config, "cpu", save_dtype)
     setup_trainable(model, build_config)
     weights = load_trainable_weights(model, checkpoint, which, weights_source)
     model.eval()

@@ -141,7 +141,10 @@ def test_free_generation_of_seg_matches_teacher_forcing(setup, tmp_path):
     two = chat.main(dataclasses.replace(config, out_dir=str(tmp_path / "two")), segmenter)
     assert two["answer"] == segmenter.tokenizer.decode(ids, skip_special_tokens=True).strip()
     assert two["answer"].count("[SEG]") == 2
-    assert len(two["rounds"]) == 2
+    assert [r["mask"] for r in two["rounds"]] == ["img_001_mask_0.png", "img_001_mask_1.png"]
+    union = np.asarray(Image.open(tmp_path / "two" / two["mask"])) > 0
+    parts = [np.asarray(Image.open(tmp_path / "two" / r["mask"])) > 0 for r in two["rounds"]]
+    np.testing.assert_array_equal(union, parts[0] | parts[1])
 
 
 def test_answer_without_seg_gives_an_explained_empty_mask(setup, tmp_path):
