@@ -248,7 +248,8 @@ def save_export(
         if manifest.kind == "adapter":
             save_state_dict({k: v for k, v in state.items() if k in trained}, folder / ADAPTER_FILE)
         else:
-            model.backbone.language_model.save_pretrained(folder / LLM_DIR)
+            with quiet_transformers():  # no progress bar per shard
+                model.backbone.language_model.save_pretrained(folder / LLM_DIR)
             tokenizer.save_pretrained(folder / LLM_DIR)
             save_state_dict(model.backbone.projector.state_dict(), folder / PROJECTOR_FILE)
             head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
