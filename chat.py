@@ -320,9 +320,9 @@ def main(config: ChatConfig, segmenter: Segmenter | None = None):
     if config.image and config.input:
         raise ValueError("give --image or --input, not both")
     items = list_inputs(config) if (config.image or config.input) else None
+    segmenter = segmenter or build_segmenter(config)  # fails before anything is written
     out_dir = Path(config.out_dir)
     save_config(config, out_dir / "chat_config.json")
-    segmenter = segmenter or build_segmenter(config)
     if items is None:
         return interactive(segmenter, out_dir)
     if config.image:
