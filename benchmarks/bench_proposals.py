@@ -1,11 +1,14 @@
 """Benchmark: our SAM-everything generator against ``segment_anything.SamAutomaticMaskGenerator``.
 
 Both generators get the same SAM weights, the same images and the same settings (upstream's:
-32 x 32 points, box NMS 0.7, no crops; batches of 64 prompts). For every image the table gives
-the reference's seconds, ours, their ratio, the fraction of masks matched (a reference mask
-matches one of ours, one to one, at mask IoU >= 0.99; unmatched masks on either side count
-against it) and the seconds of the image encoder alone (one pass, measured inside our run:
-the floor of any SAM-everything generator). The last line reads
+32 x 32 points, batches of 64 prompts, no crops; see below for the thresholds). For every image
+the table gives the reference's seconds, ours, their ratio, the fraction of masks matched (a
+reference mask matches one of ours, one to one, at mask IoU >= 0.99; unmatched masks on either
+side count against it) and the seconds of the image encoder alone (one pass, measured inside our
+run: the floor of any SAM-everything generator). Seconds are this process's CPU seconds (user +
+system, all threads) by default, because other jobs on a shared machine change wall-clock times
+by several times between two runs; ``--clock wall`` uses wall-clock seconds, and the other clock
+is printed beside. The last line reads
 ``speedup=<reference / ours> matched=<fraction> encoder_ratio=<ours total / encoder>``.
 
 No real SAM weights exist on this machine, so the model is a randomly initialised SAM of the
@@ -30,15 +33,22 @@ Images are synthetic (flat shapes on smooth backgrounds) in three sizes: 1024 x 
 (longest side 1024, as the prepare scripts feed) and 640 x 480 (a COCO-sized image, which adds
 SAM's second interpolation back to the image size).
 
-Usage: ``python benchmarks/bench_proposals.py [--model_type vit_b] [--num_images 2]
-[--points_per_side 32] [--device cpu]``; about 2-3 minutes per image for vit_b on 2 CPU cores.
+Box NMS is off by default (``--box_nms_thresh 1.0``): a random decoder's masks all span the
+image, so at 0.7 a single mask would survive and the comparison would say little; NMS takes
+milliseconds either way.
+
+Usage: ``python benchmarks/bench_proposals.py [--model_type vit_b] [--num_images 1]
+[--points_per_side 32] [--device cpu] [--clock cpu|wall] [--threads N]``; about 5 minutes per
+image for vit_b on 2 CPU cores (the reference takes 4 of them).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -117,7 +127,7 @@ def calibrate_thresholds(
     coords = coords.to(generator.device)
     labels = torch.ones(coords.shape[:2], dtype=torch.int, device=generator.device)
     sparse, _ = generator.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-    decoded = generator.decoder.decode(tokens, sparse)
+    decoded = generator.decoder.decode(tokens, sparse, MULTIMASK_TOKENS)
     iou = decoded.iou_predictions[:, MULTIMASK_TOKENS].flatten()
     iou_thresh = float(torch.quantile(iou, 1.0 - iou_keep))
     everything = torch.arange(len(chosen), device=generator.device)
@@ -147,24 +157,53 @@ def matched_fraction(ours: ImageProposals, reference: ImageProposals) -> float:
     return matched / total
 
 
-def timed(function, *args):
-    start = time.perf_counter()
+@dataclass
+class Seconds:
+    """Wall-clock and CPU (user + system, all threads of this process) seconds."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    def __add__(self, other: Seconds) -> Seconds:
+        return Seconds(self.wall + other.wall, self.cpu + other.cpu)
+
+    def on(self, clock: str) -> float:
+        return getattr(self, clock)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(function, *args) -> tuple[object, Seconds]:
+    wall, cpu = time.perf_counter(), cpu_seconds()
     result = function(*args)
-    return result, time.perf_counter() - start
+    return result, Seconds(time.perf_counter() - wall, cpu_seconds() - cpu)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model_type", default="vit_b", choices=sorted(MODEL_SIZES))
-    parser.add_argument("--num_images", type=int, default=2)
+    parser.add_argument("--num_images", type=int, default=1)
     parser.add_argument("--points_per_side", type=int, default=32)
     parser.add_argument("--points_per_batch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--clock",
+        default="cpu",
+        choices=["cpu", "wall"],
+        help="cpu: this process's CPU seconds, which other jobs on a shared machine hardly "
+        "change; wall: wall-clock seconds (both are printed)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--iou_keep", type=float, default=0.35)
     parser.add_argument("--stability_keep", type=float, default=0.6)
     parser.add_argument("--box_nms_thresh", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
     sam = benchmark_sam(args.model_type, args.seed, device)
@@ -190,39 +229,43 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{args.points_per_side}x{args.points_per_side} points, batches of "
         f"{args.points_per_batch}, pred_iou_thresh={iou_thresh:.4f}, "
         f"stability_score_thresh={stability_thresh:.4f}, box_nms_thresh={config.box_nms_thresh}, "
-        f"torch threads={torch.get_num_threads()}"
+        f"torch threads={torch.get_num_threads()}, {args.clock} seconds"
     )
-    header = (
-        f"{'image':>12} {'masks':>6} {'reference s':>12} {'ours s':>8} {'ratio':>6} "
-        f"{'matched':>8} {'encoder s':>10}"
+    other = "wall" if args.clock == "cpu" else "cpu"
+    print(
+        f"{'image':>10} {'masks':>6} {'reference s':>12} {'ours s':>8} {'ratio':>6} "
+        f"{'matched':>8} {'encoder s':>10} | {other}: {'reference s':>11} {'ours s':>7} "
+        f"{'ratio':>6}"
     )
-    print(header)
-    totals = {"reference": 0.0, "ours": 0.0, "encoder": 0.0, "matched": 0.0, "masks": 0}
+
+    def row(name: str, masks: int, ref: Seconds, ours_s: Seconds, matched: float, enc: Seconds):
+        main_ref, main_ours = ref.on(args.clock), ours_s.on(args.clock)
+        print(
+            f"{name:>10} {masks:>6} {main_ref:>12.1f} {main_ours:>8.1f} "
+            f"{main_ref / main_ours:>6.2f} {matched:>8.4f} {enc.on(args.clock):>10.1f} | "
+            f"{'':>{len(other)}}  {ref.on(other):>11.1f} {ours_s.on(other):>7.1f} "
+            f"{ref.on(other) / ours_s.on(other):>6.2f}"
+        )
+
+    total_ref, total_ours, total_enc = Seconds(), Seconds(), Seconds()
+    matched_masks, num_masks = 0.0, 0
     for image in images:
         height, width = image.shape[:2]
-        expected, reference_s = timed(reference, image)
-        (embedding, input_size), encoder_s = timed(ours.embed, image)
+        expected, ref_s = timed(reference, image)
+        (embedding, input_size), enc_s = timed(ours.embed, image)
         candidates, rest_s = timed(ours.candidates, embedding, input_size, (height, width))
         result, select_s = timed(ours.select, candidates, height, width)
-        ours_s = encoder_s + rest_s + select_s
+        ours_s = enc_s + rest_s + select_s
         matched = matched_fraction(result, expected)
         num = max(len(result), len(expected))
-        totals["reference"] += reference_s
-        totals["ours"] += ours_s
-        totals["encoder"] += encoder_s
-        totals["matched"] += matched * num
-        totals["masks"] += num
-        print(
-            f"{f'{width}x{height}':>12} {len(expected):>6} {reference_s:>12.1f} {ours_s:>8.1f} "
-            f"{reference_s / ours_s:>6.2f} {matched:>8.4f} {encoder_s:>10.1f}"
-        )
-    speedup = totals["reference"] / totals["ours"]
-    matched = totals["matched"] / max(totals["masks"], 1)
-    encoder_ratio = totals["ours"] / totals["encoder"]
-    print(
-        f"{'total':>12} {totals['masks']:>6} {totals['reference']:>12.1f} {totals['ours']:>8.1f} "
-        f"{speedup:>6.2f} {matched:>8.4f} {totals['encoder']:>10.1f}"
-    )
+        total_ref, total_ours, total_enc = total_ref + ref_s, total_ours + ours_s, total_enc + enc_s
+        matched_masks += matched * num
+        num_masks += num
+        row(f"{width}x{height}", len(expected), ref_s, ours_s, matched, enc_s)
+    matched = matched_masks / max(num_masks, 1)
+    row("total", num_masks, total_ref, total_ours, matched, total_enc)
+    speedup = total_ref.on(args.clock) / total_ours.on(args.clock)
+    encoder_ratio = total_ours.on(args.clock) / total_enc.on(args.clock)
     print(f"speedup={speedup:.2f} matched={matched:.4f} encoder_ratio={encoder_ratio:.2f}")
     return {"speedup": speedup, "matched": matched, "encoder_ratio": encoder_ratio}
 

@@ -61,14 +61,16 @@ class DecodedPrompts:
     """Decoder outputs of a batch of B prompts before the (costly) mask upscaling.
 
     Attributes:
-        token_outputs: ``(B, T, C)`` output tokens (IoU token, mask tokens, prompt tokens).
+        token_outputs: ``(B, 1 + M, C)`` final IoU token and the M requested mask tokens.
         image_outputs: ``(B, HW, C)`` image tokens after the two-way transformer.
         iou_predictions: ``(B, num_mask_tokens)`` predicted IoU of every mask token.
+        mask_tokens: the M mask-token indices whose outputs ``token_outputs`` holds.
     """
 
     token_outputs: torch.Tensor
     image_outputs: torch.Tensor
     iou_predictions: torch.Tensor
+    mask_tokens: list[int]
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -175,6 +177,14 @@ def _image_to_tokens(
     )
 
 
+def _activate_(activation: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``activation(x)``, in place for GELU: these maps are MBs per prompt, and a fresh output
+    costs a page fault per 4 KB on CPUs."""
+    if isinstance(activation, torch.nn.GELU):
+        return torch.ops.aten.gelu_(x, approximate=activation.approximate)
+    return activation(x)
+
+
 class BatchedMaskDecoder:
     """Evaluates ``sam.mask_decoder`` for many point prompts on one image.
 
@@ -209,13 +219,23 @@ class BatchedMaskDecoder:
         )
 
     @torch.inference_mode()
-    def decode(self, image: ImageTokens, sparse_embeddings: torch.Tensor) -> DecodedPrompts:
+    def decode(
+        self,
+        image: ImageTokens,
+        sparse_embeddings: torch.Tensor,
+        mask_tokens: list[int] | None = None,
+    ) -> DecodedPrompts:
         """Run the two-way transformer and the IoU head for B prompts.
 
         Args:
             image: from :meth:`encode`.
             sparse_embeddings: ``(B, P, C)`` prompt-encoder point embeddings.
+            mask_tokens: the mask tokens whose masks may be asked for later (default: all).
+                The final attention only runs for them and the IoU token: the other tokens'
+                final outputs are never used.
         """
+        if mask_tokens is None:
+            mask_tokens = list(range(self.decoder.num_mask_tokens))
         batch = sparse_embeddings.shape[0]
         output_tokens = torch.cat([self.decoder.iou_token.weight, self.decoder.mask_tokens.weight])
         point_embedding = torch.cat(
@@ -259,13 +279,15 @@ class BatchedMaskDecoder:
                 )
             keys = block.norm4(keys)
 
-        q = queries + point_embedding
+        rows = [0] + [1 + i for i in mask_tokens]  # IoU token, then the requested mask tokens
+        queries = queries[:, rows]
+        q = queries + point_embedding[:, rows]
         attn_out = _tokens_to_image(
             self.transformer.final_attn_token_to_image, q, keys + image.positional, keys
         )
         queries = self.transformer.norm_final_attn(queries + attn_out)
         iou_predictions = self.decoder.iou_prediction_head(queries[:, 0, :])
-        return DecodedPrompts(queries, keys, iou_predictions)
+        return DecodedPrompts(queries, keys, iou_predictions, list(mask_tokens))
 
     @torch.inference_mode()
     def mask_logits(
@@ -288,7 +310,7 @@ class BatchedMaskDecoder:
             image: from :meth:`encode` (for the grid size).
             prompt_index: ``(B',)`` long indices of the prompts to upscale.
             mask_tokens: which of the ``num_mask_tokens`` masks to return (``[1, 2, 3]`` for
-                SAM's multimask output).
+                SAM's multimask output); all must be in ``decoded.mask_tokens``.
 
         Returns:
             ``(B', len(mask_tokens), 4h, 4w)`` logits (256 x 256 for SAM at 1024 px).
@@ -298,15 +320,18 @@ class BatchedMaskDecoder:
         src = decoded.image_outputs[prompt_index]  # (B', HW, C)
         batch = src.shape[0]
         x = torch.nn.functional.linear(src, *self._upscale_weights(up1))  # (B', HW, 4*C1)
-        x = act1(
-            torch.nn.functional.layer_norm(
-                x.unflatten(-1, (4, -1)), norm.weight.shape, norm.weight, norm.bias, norm.eps
-            )
+        x = torch.nn.functional.layer_norm(
+            x.unflatten(-1, (4, -1)), norm.weight.shape, norm.weight, norm.bias, norm.eps
         )
-        x = act2(torch.nn.functional.linear(x, *self._upscale_weights(up2)))  # (B', HW, 4, 4*C2)
+        x = _activate_(act1, x)
+        x = _activate_(act2, torch.nn.functional.linear(x, *self._upscale_weights(up2)))
         tokens = decoded.token_outputs[prompt_index]
+        rows = [1 + decoded.mask_tokens.index(i) for i in mask_tokens]
         hyper = torch.stack(
-            [self.decoder.output_hypernetworks_mlps[i](tokens[:, 1 + i, :]) for i in mask_tokens],
+            [
+                self.decoder.output_hypernetworks_mlps[i](tokens[:, row, :])
+                for i, row in zip(mask_tokens, rows)
+            ],
             dim=1,
         )  # (B', M, C2)
         masks = torch.bmm(hyper, x.reshape(batch, -1, hyper.shape[-1]).transpose(1, 2))

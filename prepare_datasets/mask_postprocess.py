@@ -24,28 +24,36 @@ def upscale_logits(
     encoder_size: int,
     input_size: tuple[int, int],
     image_size: tuple[int, int],
+    group: int = 3,
 ) -> torch.Tensor:
     """Mask logits at image resolution, computed exactly as ``Sam.postprocess_masks``.
 
-    Bilinear interpolation works plane by plane, so running it on a subset of the masks gives
-    bit-identical values; resizing to the same size is the identity and is skipped.
+    Bilinear interpolation works plane by plane, but PyTorch's CPU kernels choose how to
+    vectorise by the number of channels, and different choices round differently. The reference
+    interpolates ``(B, 3, h, w)`` (a prompt's 3 masks), so the masks are regrouped 3 to a sample
+    (zero-padded) and get bit-identical values whatever subset is upsampled. Resizing to the same
+    size is the identity and is skipped.
 
     Args:
         low_res: ``(M, h, w)`` low-resolution logits (256 x 256 for SAM at 1024 px).
         encoder_size: the square input size of the image encoder (1024).
         input_size: ``(H', W')`` of the resized image inside the padded encoder input.
         image_size: ``(H, W)`` of the image given to the generator.
+        group: channels per sample, as the reference has them.
 
     Returns:
         ``(M, H, W)`` float logits.
     """
+    num, height, width = low_res.shape
+    padding = low_res.new_zeros((-num) % group, height, width)
+    grouped = torch.cat([low_res, padding]).view(-1, group, height, width)
     logits = F.interpolate(
-        low_res[:, None], (encoder_size, encoder_size), mode="bilinear", align_corners=False
+        grouped, (encoder_size, encoder_size), mode="bilinear", align_corners=False
     )
     logits = logits[..., : input_size[0], : input_size[1]]
     if tuple(input_size) != tuple(image_size):
         logits = F.interpolate(logits, image_size, mode="bilinear", align_corners=False)
-    return logits[:, 0]
+    return logits.flatten(0, 1)[:num]
 
 
 def count_true(masks: torch.Tensor) -> torch.Tensor:
@@ -107,7 +115,7 @@ def encode_masks(masks: torch.Tensor) -> list[bytes]:
 
 @dataclass
 class CandidateMasks:
-    """Masks that passed the per-mask filters, accumulated over prompt batches (M rows).
+    """Masks that passed the per-mask filters, accumulated over prompt batches (M rows, on CPU).
 
     Attributes:
         rle_counts: COCO compressed RLE counts of each binary mask.
@@ -118,11 +126,16 @@ class CandidateMasks:
     """
 
     rle_counts: list[bytes] = field(default_factory=list)
-    boxes: list[torch.Tensor] = field(default_factory=list)
-    area: list[torch.Tensor] = field(default_factory=list)
-    predicted_iou: list[torch.Tensor] = field(default_factory=list)
-    stability_score: list[torch.Tensor] = field(default_factory=list)
-    point_coords: list[torch.Tensor] = field(default_factory=list)
+    boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4, dtype=torch.int64))
+    area: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    predicted_iou: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    stability_score: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    point_coords: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(0, 2, dtype=torch.float64)
+    )
+
+    def __len__(self) -> int:
+        return len(self.rle_counts)
 
     def add(
         self,
@@ -133,25 +146,11 @@ class CandidateMasks:
     ) -> None:
         """Append ``(M, H, W)`` bool masks with their ``(M,)`` scores and ``(M, 2)`` points."""
         self.rle_counts.extend(encode_masks(masks))
-        self.boxes.append(masks_to_boxes_xyxy(masks).cpu())
-        self.area.append(count_true(masks).long().cpu())
-        self.predicted_iou.append(predicted_iou.float().cpu())
-        self.stability_score.append(stability_score.float().cpu())
-        self.point_coords.append(point_coords.double().cpu())
-
-    def stacked(self) -> dict[str, torch.Tensor]:
-        """Concatenated tensors (empty with the right shapes when nothing was added)."""
-
-        def cat(parts: list[torch.Tensor], shape: tuple[int, ...], dtype) -> torch.Tensor:
-            return torch.cat(parts) if parts else torch.zeros(shape, dtype=dtype)
-
-        return {
-            "boxes": cat(self.boxes, (0, 4), torch.int64),
-            "area": cat(self.area, (0,), torch.int64),
-            "predicted_iou": cat(self.predicted_iou, (0,), torch.float32),
-            "stability_score": cat(self.stability_score, (0,), torch.float32),
-            "point_coords": cat(self.point_coords, (0, 2), torch.float64),
-        }
+        self.boxes = torch.cat([self.boxes, masks_to_boxes_xyxy(masks).cpu()])
+        self.area = torch.cat([self.area, count_true(masks).long().cpu()])
+        self.predicted_iou = torch.cat([self.predicted_iou, predicted_iou.float().cpu()])
+        self.stability_score = torch.cat([self.stability_score, stability_score.float().cpu()])
+        self.point_coords = torch.cat([self.point_coords, point_coords.double().cpu()])
 
 
 def box_nms_order(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:

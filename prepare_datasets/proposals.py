@@ -7,10 +7,10 @@ caller) and return `utils.proposal_store.ImageProposals` at that size.
 the same weights and settings (no crops), in the same order, and skips the work whose result the
 reference throws away or recomputes:
 
-1. the image is encoded once and every prompt-independent part of the mask decoder (image tokens,
-   positional encoding, first-block projections) is computed once per image, and the decoder's
-   image-side attention is regrouped so no per-prompt projection of the 4096 image tokens is
-   formed (`prepare_datasets.batched_mask_decoder`);
+1. every prompt-independent part of the mask decoder (image tokens, positional encoding,
+   first-block projections) is computed once per image instead of once per prompt, and the
+   decoder's image-side attention is regrouped so that no per-prompt projection of the 4096 image
+   tokens is formed (`prepare_datasets.batched_mask_decoder`);
 2. the predicted IoU comes from the decoder's tokens, so masks below ``pred_iou_thresh`` are
    dropped *before* the transposed-convolution upscaling and before upsampling to image size
    (the reference upscales and upsamples all 3 masks of every prompt, then filters);
@@ -18,8 +18,10 @@ reference throws away or recomputes:
    reference's exact interpolation (bit-identical values, `prepare_datasets.mask_postprocess`);
 4. a batch's masks are RLE-encoded in one pycocotools call instead of run by run in Python.
 
-What remains is the encoder pass, ~0.4 GFLOP of decoder work per prompt and the survivors'
-upsampling; ``benchmarks/bench_proposals.py`` measures both generators and the encoder alone.
+What remains is the encoder pass (the same call as the reference's, so the same embedding),
+about 0.35 G multiply-adds of decoder work per prompt, 0.4 G more for each prompt with a mask
+above the IoU threshold, and the survivors' upsampling. ``benchmarks/bench_proposals.py``
+measures both generators and the encoder alone.
 """
 
 from __future__ import annotations
@@ -52,11 +54,38 @@ BACKENDS = ("sam", "sam_reference", "weightfree")
 MULTIMASK_TOKENS = [1, 2, 3]
 # The reference's crop-NMS threshold, used (as max with box_nms_thresh) after region clean-up.
 CROP_NMS_THRESH = 0.7
-# On a CPU, prompts are decoded this many at a time whatever points_per_batch says: the
-# per-prompt (4096, 256) image tokens of a small block stay in cache (about 20% faster than 64).
-CPU_PROMPT_CHUNK = 16
-# Masks upsampled to image size at a time (a 1024 x 1024 float map is 4 MB).
-UPSAMPLE_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class WorkBlocks:
+    """How many prompts / masks go through each stage at a time.
+
+    Attributes:
+        prompts: prompts decoded together (the (B, 4096, 256) image-token tensors).
+        upscaled_prompts: prompts upscaled together (8 MB of feature maps each).
+        upsampled_masks: masks upsampled to image size together (4 MB each at 1024 x 1024; a
+            multiple of 3, see `upscale_logits`).
+    """
+
+    prompts: int
+    upscaled_prompts: int
+    upsampled_masks: int
+
+
+def work_blocks(device: torch.device, points_per_batch: int) -> WorkBlocks:
+    """Block sizes for ``device``.
+
+    On a GPU every stage takes ``points_per_batch`` prompts (more is faster while memory lasts).
+    On a CPU with one thread, blocks stay below glibc's largest mmap threshold (32 MB), so freed
+    blocks are reused instead of being mapped afresh and page-faulted in 4 KB at a time, which
+    otherwise costs about a third of the time; with several threads, larger blocks keep every
+    thread busy.
+    """
+    if device.type != "cpu":
+        return WorkBlocks(points_per_batch, points_per_batch, 15)
+    if torch.get_num_threads() <= 1:
+        return WorkBlocks(min(points_per_batch, 7), 2, 6)
+    return WorkBlocks(min(points_per_batch, 16), 16, 15)
 
 
 @dataclass
@@ -172,35 +201,36 @@ class FastSamGenerator:
         points = point_grid(cfg.points_per_side, *image_size)
         prompts = self.resize.apply_coords(points, image_size)  # float64, as the reference feeds
         found = CandidateMasks()
-        batch_size = cfg.points_per_batch
-        if self.device.type == "cpu":
-            batch_size = min(batch_size, CPU_PROMPT_CHUNK)
+        blocks = work_blocks(self.device, cfg.points_per_batch)
+        batch_size = blocks.prompts
         for start in range(0, len(points), batch_size):
             batch_points = torch.as_tensor(points[start : start + batch_size])
             coords = torch.as_tensor(prompts[start : start + batch_size], device=self.device)
             coords = coords[:, None, :]
             labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
             sparse, _ = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-            decoded = self.decoder.decode(tokens, sparse)
+            decoded = self.decoder.decode(tokens, sparse, MULTIMASK_TOKENS)
             iou = decoded.iou_predictions[:, MULTIMASK_TOKENS]  # (B, 3)
             keep = (
                 iou > cfg.pred_iou_thresh
                 if cfg.pred_iou_thresh > 0
                 else torch.ones_like(iou, dtype=torch.bool)
             )
-            prompt_index = keep.any(dim=1).nonzero()[:, 0]
-            if len(prompt_index) == 0:
-                continue
-            low_res = self.decoder.mask_logits(decoded, tokens, prompt_index, MULTIMASK_TOKENS)
-            keep = keep[prompt_index]
-            self._add_survivors(
-                found,
-                low_res[keep],
-                iou[prompt_index][keep],
-                batch_points[prompt_index.cpu()][:, None, :].expand(-1, 3, -1)[keep.cpu()],
-                input_size,
-                image_size,
-            )
+            kept_prompts = keep.any(dim=1).nonzero()[:, 0]
+            for prompt_index in (
+                kept_prompts.split(blocks.upscaled_prompts) if len(kept_prompts) else ()
+            ):
+                low_res = self.decoder.mask_logits(decoded, tokens, prompt_index, MULTIMASK_TOKENS)
+                chosen = keep[prompt_index]
+                self._add_survivors(
+                    found,
+                    low_res[chosen],
+                    iou[prompt_index][chosen],
+                    batch_points[prompt_index.cpu()][:, None, :].expand(-1, 3, -1)[chosen.cpu()],
+                    input_size,
+                    image_size,
+                    blocks.upsampled_masks,
+                )
         return found
 
     def _add_survivors(
@@ -211,15 +241,16 @@ class FastSamGenerator:
         points: torch.Tensor,
         input_size: tuple[int, int],
         image_size: tuple[int, int],
+        block: int,
     ) -> None:
         """Upsample ``(M, h, w)`` logits, filter by stability, binarise and add to ``found``.
 
-        Chunks of `UPSAMPLE_CHUNK` masks bound the memory of the 1024 x 1024 intermediate.
+        ``block`` masks at a time bound the memory of the 1024 x 1024 intermediate.
         """
         cfg = self.config
         threshold = self.sam.mask_threshold
-        for start in range(0, low_res.shape[0], UPSAMPLE_CHUNK):
-            chunk = slice(start, start + UPSAMPLE_CHUNK)
+        for start in range(0, low_res.shape[0], block):
+            chunk = slice(start, start + block)
             logits = upscale_logits(low_res[chunk], self.encoder_size, input_size, image_size)
             stability = stability_scores(logits, threshold, cfg.stability_score_offset)
             if cfg.stability_score_thresh > 0:
@@ -233,10 +264,9 @@ class FastSamGenerator:
     def select(self, found: CandidateMasks, height: int, width: int) -> ImageProposals:
         """Box NMS over all candidates (then the optional region clean-up), best IoU first."""
         cfg = self.config
-        stacked = found.stacked()
-        order = box_nms_order(stacked["boxes"], stacked["predicted_iou"], cfg.box_nms_thresh)
+        order = box_nms_order(found.boxes, found.predicted_iou, cfg.box_nms_thresh)
         rle_counts = [found.rle_counts[i] for i in order.tolist()]
-        boxes, area = stacked["boxes"][order], stacked["area"][order]
+        boxes, area = found.boxes[order], found.area[order]
         if cfg.min_mask_region_area > 0 and len(order) > 0:
             keep, changed = remove_small_regions(
                 rle_counts,
@@ -258,9 +288,9 @@ class FastSamGenerator:
             rle_counts=rle_counts,
             area=area.numpy(),
             bbox=xywh.numpy(),
-            predicted_iou=stacked["predicted_iou"][order].numpy(),
-            stability_score=stacked["stability_score"][order].numpy(),
-            point_coords=stacked["point_coords"][order].numpy(),
+            predicted_iou=found.predicted_iou[order].numpy(),
+            stability_score=found.stability_score[order].numpy(),
+            point_coords=found.point_coords[order].numpy(),
         )
 
 

@@ -179,6 +179,15 @@ def test_record_fields_are_consistent(tiny_sam):
     assert (proposals.stability_score >= 0.5).all()
 
 
+def test_tiny_image_gives_masks_of_its_size(tiny_sam):
+    # The encoder sees the 8 x 8 image enlarged to 256; masks come back at 8 x 8.
+    config = GeneratorConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    proposals = FastSamGenerator(tiny_sam, config)(shapes_image(8, 8, 8))
+    assert (proposals.height, proposals.width) == (8, 8)
+    assert proposals.decode().shape == (len(proposals), 8, 8)
+    assert len(proposals) > 0
+
+
 def test_iou_filter_runs_before_mask_upscaling(tiny_sam, monkeypatch):
     calls = []
     original = BatchedMaskDecoder.mask_logits
@@ -215,15 +224,28 @@ def test_batched_decoder_matches_mask_decoder(tiny_sam):
     assert logits.shape == (2, 3, 64, 64)
     torch.testing.assert_close(decoded.iou_predictions[:, 1:], ref_iou, atol=1e-5, rtol=0)
     torch.testing.assert_close(logits, ref_logits[[3, 0]], atol=1e-4, rtol=1e-4)
+    # Decoding only mask token 2 gives the same IoU predictions and that token's masks.
+    only = decoder.decode(tokens, sparse, mask_tokens=[2])
+    assert only.token_outputs.shape == (5, 2, 32)  # IoU token + mask token 2
+    torch.testing.assert_close(only.iou_predictions, decoded.iou_predictions)
+    logits = decoder.mask_logits(only, tokens, torch.arange(5), [2])
+    torch.testing.assert_close(logits[:, 0], ref_logits[:, 1], atol=1e-4, rtol=1e-4)
 
 
-def test_upscale_logits_equals_sam_postprocess(tiny_sam):
-    low_res = torch.randn(2, 3, 64, 64)
-    expected = tiny_sam.postprocess_masks(low_res, (192, 256), (96, 128))
-    got = upscale_logits(low_res.flatten(0, 1), 256, (192, 256), (96, 128))
-    assert torch.equal(got, expected.flatten(0, 1))  # bit-identical, not just close
-    same = upscale_logits(low_res[0], 256, (200, 256), (200, 256))
-    assert torch.equal(same, tiny_sam.postprocess_masks(low_res, (200, 256), (200, 256))[0])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_upscale_logits_equals_sam_postprocess(tiny_sam, threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # CPU kernels vectorise differently with one thread
+    try:
+        low_res = torch.randn(4, 3, 64, 64)
+        expected = tiny_sam.postprocess_masks(low_res, (192, 256), (96, 128)).flatten(0, 1)
+        subset = torch.tensor([0, 4, 5, 7, 11])  # any subset, e.g. the IoU survivors
+        got = upscale_logits(low_res.flatten(0, 1)[subset], 256, (192, 256), (96, 128))
+        assert torch.equal(got, expected[subset])  # bit-identical, not just close
+        same = upscale_logits(low_res[0], 256, (200, 256), (200, 256))
+        assert torch.equal(same, tiny_sam.postprocess_masks(low_res, (200, 256), (200, 256))[0])
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_mask_helpers_by_hand():
@@ -298,9 +320,11 @@ def test_config_command_line_defaults_are_upstreams():
 
 
 def test_benchmark_smoke(capsys):
-    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks/bench_proposals.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_proposals", REPO / "benchmarks/bench_proposals.py"
+    )
     bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_proposals_under_test"] = bench
+    sys.modules["bench_proposals"] = bench  # dataclasses look their module up here
     spec.loader.exec_module(bench)
     result = bench.main(["--model_type", "tiny", "--num_images", "1", "--points_per_side", "4"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
