@@ -12,8 +12,8 @@ is printed beside. The last line reads
 ``speedup=<reference / ours> matched=<fraction> encoder_ratio=<ours total / encoder>``.
 
 No real SAM weights exist on this machine, so the model is a randomly initialised SAM of the
-real size (``vit_b`` by default: the costs of the encoder pass, of the 0.4-1.4 GFLOP of decoder
-work per prompt and of upsampling do not depend on the weight values). Two things a random
+real size (``vit_b`` by default: the cost of the encoder pass, of the decoder's work per prompt
+and of upsampling does not depend on the weight values). Two things a random
 decoder gets unrealistically wrong are corrected so that the data-dependent work (how many masks
 survive each filter, how many runs each RLE has) looks like real SAM's:
 
@@ -25,9 +25,10 @@ survive each filter, how many runs each RLE has) looks like real SAM's:
   score's +-1 offset means what it means for SAM);
 - *thresholds*: a random IoU head predicts ~0.0 +- 0.05, never SAM's 0.88, so
   ``pred_iou_thresh`` and ``stability_score_thresh`` are loosened to the quantiles that keep
-  ``--iou_keep`` (35 %) of the masks and ``--stability_keep`` (60 %) of those, about what
-  SAM ViT-H keeps of the 3072 masks of a natural image at 0.88 / 0.95. They are calibrated once,
-  with our generator, on 64 prompts of the first image.
+  ``--iou_keep`` (35 %) of the masks and ``--stability_keep`` (60 %) of those (our guess at
+  what SAM ViT-H keeps of the 3072 masks of a natural image at 0.88 / 0.95; the fewer survive,
+  the larger our advantage). They are calibrated once, with our generator, on 64 prompts of the
+  first image.
 
 Images are synthetic (flat shapes on smooth backgrounds) in three sizes: 1024 x 768, 768 x 1024
 (longest side 1024, as the prepare scripts feed) and 640 x 480 (a COCO-sized image, which adds
@@ -38,8 +39,9 @@ image, so at 0.7 a single mask would survive and the comparison would say little
 milliseconds either way.
 
 Usage: ``python benchmarks/bench_proposals.py [--model_type vit_b] [--num_images 1]
-[--points_per_side 32] [--device cpu] [--clock cpu|wall] [--threads N]``; about 5 minutes per
-image for vit_b on 2 CPU cores (the reference takes 4 of them).
+[--points_per_side 32] [--device cpu] [--clock cpu|wall] [--threads N]``; about 7 minutes per
+image for vit_b on 2 CPU cores, 5 of them in the reference (``--points_per_side 16`` takes a
+third of that, with a smaller ratio since the encoder pass weighs more).
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ evaluates the same decoder, with the same weights, as:
   value bias passes through), and the image-to-token output projection is folded into the seven
   token values. With 7 tokens and 8 heads this halves the multiply-adds of each image-side
   attention and removes most of the memory traffic, which dominates on CPUs;
+- *only for the tokens that are read*: the final token-to-image attention runs for the IoU token
+  and the requested mask tokens, not for the single-mask and prompt tokens;
 - *only for prompts that will be kept*: the transposed-convolution upscaling and the
   hypernetwork product that produce the low-resolution mask logits. The predicted IoU comes from
   the token outputs alone, so the caller can filter on it first.
@@ -203,7 +205,7 @@ class BatchedMaskDecoder:
     @torch.inference_mode()
     def encode(self, image_embedding: torch.Tensor) -> ImageTokens:
         """Prompt-independent inputs from the ``(1, C, h, w)`` image-encoder output."""
-        _, channels, height, width = image_embedding.shape
+        height, width = image_embedding.shape[-2:]
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         tokens = (image_embedding + dense)[0].flatten(1).t()  # (HW, C)
         positional = self.prompt_encoder.get_dense_pe()[0].flatten(1).t()

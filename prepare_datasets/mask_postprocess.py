@@ -137,6 +137,20 @@ class CandidateMasks:
     def __len__(self) -> int:
         return len(self.rle_counts)
 
+    @classmethod
+    def concatenate(cls, parts: list[CandidateMasks]) -> CandidateMasks:
+        """All rows of ``parts``, in order."""
+        return cls(
+            rle_counts=[counts for part in parts for counts in part.rle_counts],
+            boxes=torch.cat([cls().boxes] + [part.boxes for part in parts]),
+            area=torch.cat([cls().area] + [part.area for part in parts]),
+            predicted_iou=torch.cat([cls().predicted_iou] + [part.predicted_iou for part in parts]),
+            stability_score=torch.cat(
+                [cls().stability_score] + [part.stability_score for part in parts]
+            ),
+            point_coords=torch.cat([cls().point_coords] + [part.point_coords for part in parts]),
+        )
+
     def add(
         self,
         masks: torch.Tensor,

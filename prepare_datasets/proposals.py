@@ -26,7 +26,10 @@ measures both generators and the encoder alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,7 +39,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from model.sam import load_sam
-from prepare_datasets.batched_mask_decoder import BatchedMaskDecoder
+from prepare_datasets.batched_mask_decoder import BatchedMaskDecoder, ImageTokens
 from prepare_datasets.mask_postprocess import (
     CandidateMasks,
     box_nms_order,
@@ -54,6 +57,8 @@ BACKENDS = ("sam", "sam_reference", "weightfree")
 MULTIMASK_TOKENS = [1, 2, 3]
 # The reference's crop-NMS threshold, used (as max with box_nms_thresh) after region clean-up.
 CROP_NMS_THRESH = 0.7
+# CPU threads that take blocks of prompts at once (each holds a few hundred MB of blocks).
+MAX_CPU_WORKERS = 16
 
 
 @dataclass(frozen=True)
@@ -76,16 +81,14 @@ def work_blocks(device: torch.device, points_per_batch: int) -> WorkBlocks:
     """Block sizes for ``device``.
 
     On a GPU every stage takes ``points_per_batch`` prompts (more is faster while memory lasts).
-    On a CPU with one thread, blocks stay below glibc's largest mmap threshold (32 MB), so freed
-    blocks are reused instead of being mapped afresh and page-faulted in 4 KB at a time, which
-    otherwise costs about a third of the time; with several threads, larger blocks keep every
-    thread busy.
+    On a CPU (where each thread runs its own blocks, see `FastSamGenerator.candidates`) blocks
+    stay below glibc's largest mmap threshold (32 MB), so freed blocks are reused instead of
+    being mapped afresh and page-faulted in 4 KB at a time, which costs about a third of the time
+    with blocks of 16 prompts.
     """
     if device.type != "cpu":
         return WorkBlocks(points_per_batch, points_per_batch, 15)
-    if torch.get_num_threads() <= 1:
-        return WorkBlocks(min(points_per_batch, 7), 2, 6)
-    return WorkBlocks(min(points_per_batch, 16), 16, 15)
+    return WorkBlocks(min(points_per_batch, 7), 2, 6)
 
 
 @dataclass
@@ -136,6 +139,17 @@ def point_grid(points_per_side: int, height: int, width: int) -> np.ndarray:
     side = np.linspace(offset, 1.0 - offset, points_per_side)
     xs, ys = np.meshgrid(side, side)
     return np.stack([xs.reshape(-1), ys.reshape(-1)], axis=1) * np.array([[width, height]])
+
+
+@contextlib.contextmanager
+def single_threaded_ops() -> Iterator[None]:
+    """Torch ops run on the calling thread only, inside the block (the setting is global)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def check_image(image: np.ndarray) -> np.ndarray:
@@ -200,37 +214,62 @@ class FastSamGenerator:
         tokens = self.decoder.encode(embedding)
         points = point_grid(cfg.points_per_side, *image_size)
         prompts = self.resize.apply_coords(points, image_size)  # float64, as the reference feeds
-        found = CandidateMasks()
         blocks = work_blocks(self.device, cfg.points_per_batch)
-        batch_size = blocks.prompts
-        for start in range(0, len(points), batch_size):
-            batch_points = torch.as_tensor(points[start : start + batch_size])
-            coords = torch.as_tensor(prompts[start : start + batch_size], device=self.device)
-            coords = coords[:, None, :]
-            labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
-            sparse, _ = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-            decoded = self.decoder.decode(tokens, sparse, MULTIMASK_TOKENS)
-            iou = decoded.iou_predictions[:, MULTIMASK_TOKENS]  # (B, 3)
-            keep = (
-                iou > cfg.pred_iou_thresh
-                if cfg.pred_iou_thresh > 0
-                else torch.ones_like(iou, dtype=torch.bool)
-            )
-            kept_prompts = keep.any(dim=1).nonzero()[:, 0]
-            for prompt_index in (
-                kept_prompts.split(blocks.upscaled_prompts) if len(kept_prompts) else ()
-            ):
-                low_res = self.decoder.mask_logits(decoded, tokens, prompt_index, MULTIMASK_TOKENS)
-                chosen = keep[prompt_index]
-                self._add_survivors(
-                    found,
-                    low_res[chosen],
-                    iou[prompt_index][chosen],
-                    batch_points[prompt_index.cpu()][:, None, :].expand(-1, 3, -1)[chosen.cpu()],
-                    input_size,
-                    image_size,
-                    blocks.upsampled_masks,
+
+        def run(start: int) -> CandidateMasks:
+            chunk = slice(start, start + blocks.prompts)
+            with torch.inference_mode():  # thread-local, so set again in pool threads
+                return self._prompt_block(
+                    tokens, points[chunk], prompts[chunk], input_size, image_size, blocks
                 )
+
+        starts = range(0, len(points), blocks.prompts)
+        workers = min(torch.get_num_threads(), MAX_CPU_WORKERS) if self.device.type == "cpu" else 1
+        if workers <= 1:
+            return CandidateMasks.concatenate([run(start) for start in starts])
+        # On a CPU, each thread takes whole blocks with single-threaded ops: no thread ever waits
+        # for another at the end of each of the thousands of small ops (which, on a shared
+        # machine, made two intra-op threads slower than one).
+        with single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
+            return CandidateMasks.concatenate(list(pool.map(run, starts)))
+
+    def _prompt_block(
+        self,
+        tokens: ImageTokens,
+        points: np.ndarray,
+        prompts: np.ndarray,
+        input_size: tuple[int, int],
+        image_size: tuple[int, int],
+        blocks: WorkBlocks,
+    ) -> CandidateMasks:
+        """Candidates of B prompts: ``(B, 2)`` points in image pixels and in encoder pixels."""
+        cfg = self.config
+        found = CandidateMasks()
+        coords = torch.as_tensor(prompts, device=self.device)[:, None, :]
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
+        sparse, _ = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        decoded = self.decoder.decode(tokens, sparse, MULTIMASK_TOKENS)
+        iou = decoded.iou_predictions[:, MULTIMASK_TOKENS]  # (B, 3)
+        if cfg.pred_iou_thresh > 0:
+            keep = iou > cfg.pred_iou_thresh
+        else:
+            keep = torch.ones_like(iou, dtype=torch.bool)
+        kept_prompts = keep.any(dim=1).nonzero()[:, 0]
+        if len(kept_prompts) == 0:
+            return found
+        points = torch.as_tensor(points)[:, None, :].expand(-1, len(MULTIMASK_TOKENS), -1)
+        for prompt_index in kept_prompts.split(blocks.upscaled_prompts):
+            low_res = self.decoder.mask_logits(decoded, tokens, prompt_index, MULTIMASK_TOKENS)
+            chosen = keep[prompt_index]
+            self._add_survivors(
+                found,
+                low_res[chosen],
+                iou[prompt_index][chosen],
+                points[prompt_index.cpu()][chosen.cpu()],
+                input_size,
+                image_size,
+                blocks.upsampled_masks,
+            )
         return found
 
     def _add_survivors(

@@ -161,6 +161,24 @@ def test_equals_reference_with_small_region_cleanup(tiny_sam):
     assert len(raw) != len(ours) or not np.array_equal(raw.area, ours.area)  # it did clean up
 
 
+def test_cpu_thread_pool_gives_the_same_result(tiny_sam):
+    # With several torch threads, blocks of prompts run in parallel on single-threaded ops.
+    config = GeneratorConfig(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    image = shapes_image(200, 256, 9)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sequential = FastSamGenerator(tiny_sam, config)(image)
+        torch.set_num_threads(2)
+        pooled = FastSamGenerator(tiny_sam, config)(image)
+        assert torch.get_num_threads() == 2  # restored after the pool
+    finally:
+        torch.set_num_threads(previous)
+    assert pooled.rle_counts == sequential.rle_counts
+    np.testing.assert_array_equal(pooled.predicted_iou, sequential.predicted_iou)
+    np.testing.assert_array_equal(pooled.point_coords, sequential.point_coords)
+
+
 def test_record_fields_are_consistent(tiny_sam):
     config = GeneratorConfig(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.5)
     proposals = FastSamGenerator(tiny_sam, config)(shapes_image(96, 128, 4))
