@@ -68,6 +68,11 @@ class LLMSegConfig:
     proposal_map_size: int = field(
         default=256, metadata={"help": "side of the proposal weight maps fed to the scorer"}
     )
+    mask_geometry_embedding: bool = field(
+        default=False,
+        metadata={"help": "add a mask-geometry embedding (size, place, box, shape) to the pooled "
+                  "proposal features; not in the paper (see model/mask_geometry.py)"},
+    )  # fmt: skip
     model_max_length: int = field(default=512, metadata={"help": "tokenizer length limit"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (0 disables LoRA)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
@@ -82,6 +87,15 @@ class LLMSegConfig:
     )
     align_temperature: float = field(default=0.05, metadata={"help": "alignment temperature"})
     iop_loss_scale: float = field(default=50.0, metadata={"help": "IoP regression scale"})
+    train_dinov2: bool = field(
+        default=False,
+        metadata={"help": "train DINOv2 too (frozen in the paper; for tiny random encoders)"},
+    )
+    train_language_model: bool = field(
+        default=False,
+        metadata={"help": "train every LLM weight, not only LoRA + embeddings (not in the paper; "
+                  "for tiny random LLMs)"},
+    )  # fmt: skip
     gradient_checkpointing: bool = field(
         default=True, metadata={"help": "recompute LLM activations in backward"}
     )
@@ -106,6 +120,7 @@ class LLMSegConfig:
             mlp_dim=self.scorer_mlp_dim,
             depth=self.scorer_depth,
             map_size=self.proposal_map_size,
+            geometry_embedding=self.mask_geometry_embedding,
         )
 
 
@@ -168,6 +183,10 @@ def setup_trainable(model: LLMSegModel, config: LLMSegConfig) -> LLMSegModel:
     * Frozen: everything else (LLM base weights, CLIP, projector, DINOv2).
     * Gradient checkpointing as ``config.gradient_checkpointing``.
 
+    Options outside the paper's set-up (off by default), for tiny random models: DINOv2 trains
+    too (``config.train_dinov2``); every language-model weight trains
+    (``config.train_language_model``, LoRA adapters included if ``lora_r > 0``).
+
     Returns:
         ``model`` (for chaining).
     """
@@ -189,6 +208,9 @@ def setup_trainable(model: LLMSegModel, config: LLMSegConfig) -> LLMSegModel:
         inject_adapter_in_model(lora, language_model)
         for name, parameter in language_model.named_parameters():
             parameter.requires_grad_("lora_" in name)
+    if config.train_language_model:
+        language_model.requires_grad_(True)
+    model.dino.set_trainable(config.train_dinov2)
     language_model.get_input_embeddings().requires_grad_(True)
     language_model.get_output_embeddings().requires_grad_(True)
     model.text_projection.requires_grad_(True)

@@ -50,14 +50,22 @@ def preprocess_for_dinov2(
 class DinoFeatureExtractor(nn.Module):
     """A frozen ``Dinov2Model`` returning its normalised patch tokens as a spatial grid.
 
-    The wrapped model never trains: its parameters are frozen, it stays in eval mode whatever
-    ``train()`` is called with, and the forward pass runs under ``no_grad``.
+    As in the paper, the wrapped model does not train: its parameters are frozen, it stays in
+    eval mode whatever ``train()`` is called with, and the forward pass runs under ``no_grad``.
+    :meth:`set_trainable` is an option for tiny random encoders (the built-in demo), whose
+    features carry nothing useful unless they learn; it keeps eval mode (no dropout).
     """
 
     def __init__(self, dinov2: Dinov2Model) -> None:
         super().__init__()
         self.dinov2 = dinov2.eval()
+        self.trainable = False
         self.dinov2.requires_grad_(False)
+
+    def set_trainable(self, enabled: bool) -> None:
+        """Let gradients reach the DINOv2 weights (``enabled``) or freeze them (the default)."""
+        self.trainable = enabled
+        self.dinov2.requires_grad_(enabled)
 
     @property
     def patch_size(self) -> int:
@@ -83,9 +91,8 @@ class DinoFeatureExtractor(nn.Module):
         self.dinov2.eval()
         return self
 
-    @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Patch features of square, preprocessed images.
+        """Patch features of square, preprocessed images (without gradients unless trainable).
 
         Args:
             pixels: ``(I, 3, D, D)`` from :func:`preprocess_for_dinov2`.
@@ -97,6 +104,7 @@ class DinoFeatureExtractor(nn.Module):
             raise ValueError(f"expected (I, 3, D, D) square inputs, got {tuple(pixels.shape)}")
         grid = self.grid_size(pixels.shape[-1])
         dtype = self.dinov2.embeddings.patch_embeddings.projection.weight.dtype
-        tokens = self.dinov2(pixel_values=pixels.to(dtype)).last_hidden_state
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            tokens = self.dinov2(pixel_values=pixels.to(dtype)).last_hidden_state
         patches = tokens[:, 1:]  # drop CLS: upstream's x_norm_patchtokens
         return patches.transpose(1, 2).reshape(pixels.shape[0], -1, grid, grid)

@@ -175,7 +175,9 @@ class LLMSegModel(nn.Module):
             features = self.dino(batch.dino_pixels.index_select(0, index))
             feature_maps = self.proposal_scorer.project_features(features)
             for feature_map, i in zip(feature_maps, needed):
-                pooled = self.proposal_scorer.pool(feature_map, batch.proposal_masks[i])
+                pooled = self.proposal_scorer.proposal_features(
+                    feature_map, batch.proposal_masks[i]
+                )
                 scores[i] = self.proposal_scorer.score(pooled, seg_embeddings[i])
         for i, masks in enumerate(batch.proposal_masks):
             if scores[i] is None:  # no [SEG] or no proposal: empty (R_i, K_i) scores

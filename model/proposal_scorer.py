@@ -34,6 +34,11 @@ upstream (``model.model.*``)                       here (``ProposalScorer``)
 
 Every attention is ``segment_anything``'s ``Attention`` (``q_proj``/``k_proj``/``v_proj``/
 ``out_proj``), which is why LoRA must be restricted to the language model.
+
+Option (off by default, so the paper's model and its checkpoints are unchanged):
+``geometry_embedding`` adds a :class:`~model.mask_geometry.MaskGeometryEmbedding` of each
+proposal's weight map (size, centroid, box, box-normalised shape) to its pooled feature, in
+:meth:`ProposalScorer.proposal_features`; its parameters live under ``geometry_embedding.*``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import nn
+
+from model.mask_geometry import MaskGeometryEmbedding
 
 
 @dataclass
@@ -59,6 +66,8 @@ class ProposalScorerConfig:
     embedding_hidden_dim: int = 2048
     map_size: int = 256  # side of the proposal weight maps and the upsampled features
     pool_eps: float = 1e-8  # guards empty proposals in the mask-average pooling
+    geometry_embedding: bool = False  # add a mask-geometry embedding (not in the paper)
+    geometry_grid: int = 8  # side of its box-normalised shape thumbnail
 
 
 @dataclass
@@ -109,6 +118,9 @@ class ProposalScorer(nn.Module):
             nn.ReLU(),
             nn.Linear(config.embedding_hidden_dim, dim),
         )
+        self.geometry_embedding = (
+            MaskGeometryEmbedding(dim, config.geometry_grid) if config.geometry_embedding else None
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -145,11 +157,28 @@ class ProposalScorer(nn.Module):
         pooled = weights @ feature_map.flatten(1).float().T  # (K, E)
         return pooled / (weights.sum(dim=1, keepdim=True) + self.config.pool_eps)
 
+    def proposal_features(
+        self, feature_map: torch.Tensor, proposal_masks: torch.Tensor
+    ) -> torch.Tensor:
+        """What the selection transformer sees of each proposal: its pooled feature, plus its
+        mask-geometry embedding when ``config.geometry_embedding`` is on.
+
+        Args:
+            feature_map: ``(E, M, M)`` from :meth:`project_features`.
+            proposal_masks: ``(K, M, M)`` weight maps.
+        Returns:
+            ``(K, E)`` float32.
+        """
+        pooled = self.pool(feature_map, proposal_masks)
+        if self.geometry_embedding is None:
+            return pooled
+        return pooled + self.geometry_embedding(proposal_masks).float()
+
     def score(self, pooled: torch.Tensor, seg_embeddings: torch.Tensor) -> ProposalScores:
         """Run the selection transformer and both heads.
 
         Args:
-            pooled: ``(K, E)`` pooled proposal features.
+            pooled: ``(K, E)`` proposal features (:meth:`proposal_features`).
             seg_embeddings: ``(R, E)`` projected ``[SEG]`` hidden states.
         Returns:
             :class:`ProposalScores` with ``(R, K)`` similarity and IoP.
@@ -197,6 +226,6 @@ class ProposalScorer(nn.Module):
             )
         feature_maps = self.project_features(dino_features)
         return [
-            self.score(self.pool(feature_map, masks), segs)
+            self.score(self.proposal_features(feature_map, masks), segs)
             for feature_map, masks, segs in zip(feature_maps, proposal_masks, seg_embeddings)
         ]

@@ -56,6 +56,11 @@ class TinySizes:
     sam_image_size: int = 256
     sam_embed_dim: int = 64
     sam_depth: int = 2
+    # Init std of the LLaMA weights (transformers' default). At width d and sequence length L an
+    # attention layer's output is about std * d / sqrt(L) times the token's own embedding, so at
+    # d = 32 the last token barely sees the others until training grows the weights (at d = 4096
+    # it is the other way round); the demo preset raises it.
+    text_init_std: float = 0.02
 
 
 TINY = TinySizes()
@@ -72,6 +77,7 @@ def tiny_llama_config(vocab_size: int, sizes: TinySizes = TINY) -> LlamaConfig:
         num_key_value_heads=sizes.text_heads,
         max_position_embeddings=1024,
         tie_word_embeddings=False,
+        initializer_range=sizes.text_init_std,
     )
 
 

@@ -18,7 +18,7 @@ IMAGE_END_TOKEN = "<im_end>"
 SEG_TOKEN = "[SEG]"
 
 # Enough text for a tiny tokenizer to cover the prompt templates and the usual query words.
-_DEFAULT_CORPUS = (
+DEFAULT_CORPUS = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions. "
     "USER: ASSISTANT: Can you segment the object in this image? Please segment the thing. "
@@ -31,7 +31,7 @@ _DEFAULT_CORPUS = (
 
 
 def train_tiny_tokenizer(
-    corpus: Iterable[str] = _DEFAULT_CORPUS, vocab_size: int = 400, model_max_length: int = 512
+    corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 400, model_max_length: int = 512
 ) -> PreTrainedTokenizerFast:
     """Train a LLaMA-like BPE tokenizer in memory, with ``<image>`` and ``[SEG]`` already added.
 
