@@ -73,7 +73,10 @@ def _quantise(image: np.ndarray, settings: WeightFreeSettings) -> np.ndarray:
     lab = cv2.cvtColor(smooth, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float32)
     stride = max(1, len(lab) // settings.fit_pixels)
     sample = lab[::stride]
-    num = int(min(settings.num_colours, len(np.unique(sample, axis=0))))
+    # Lab values of a uint8 image are whole numbers below 256: one integer key per colour makes
+    # counting distinct colours a 1-D unique (a row-wise unique sorts 3-vectors, 20x slower).
+    keys = sample.astype(np.int64) @ np.array([1 << 16, 1 << 8, 1], dtype=np.int64)
+    num = int(min(settings.num_colours, len(np.unique(keys))))
     # Farthest-point initialisation: the first centre is the mean colour.
     centres = [sample.mean(0)]
     distances = np.full(len(sample), np.inf, dtype=np.float32)
@@ -83,10 +86,10 @@ def _quantise(image: np.ndarray, settings: WeightFreeSettings) -> np.ndarray:
     centres = np.stack(centres)
     for _ in range(settings.kmeans_iterations):
         assign = _nearest(sample, centres)
-        for c in range(num):
-            members = sample[assign == c]
-            if len(members):
-                centres[c] = members.mean(0)
+        counts = np.bincount(assign, minlength=num)
+        sums = np.stack([np.bincount(assign, sample[:, k], minlength=num) for k in range(3)], 1)
+        used = counts > 0  # an empty cluster keeps its centre
+        centres[used] = (sums[used] / counts[used, None]).astype(np.float32)
     # k-means always uses every centre, splitting one noisy colour into several: merge them.
     groups = _merge_close(centres, settings.merge_distance)
     return groups[_nearest(lab, centres)].reshape(height, width)

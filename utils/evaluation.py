@@ -48,17 +48,33 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-    """``image`` with ``mask`` blended in ``colour`` at 50% (RGB uint8, any size)."""
+    """``image`` with ``mask`` blended in ``colour`` at 50% and outlined (RGB uint8, any size)."""
     out = image.copy()
     region = mask.astype(bool)
     out[region] = (0.5 * out[region] + 0.5 * np.array(colour)).astype(np.uint8)
+    # The outline keeps the mask readable where the object has the overlay's own colour.
+    contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, colour, 1)
     return out
+
+
+MIN_PANEL_SIDE = 256  # small pictures (the demo's 128 px scenes) are enlarged to this
 
 
 def save_visualization(
     path: Path, image: np.ndarray, pred: np.ndarray, gt: np.ndarray, caption: str
 ) -> None:
-    """Write ``[prediction (red) | ground truth (green)]`` side by side with the query on top."""
+    """Write ``[prediction (red) | ground truth (green)]`` side by side with the query on top.
+
+    Pictures whose short side is under ``MIN_PANEL_SIDE`` are enlarged by a whole factor with
+    nearest-neighbour sampling first, so masks stay pixel-exact and the caption stays legible.
+    """
+    factor = -(-MIN_PANEL_SIDE // min(image.shape[:2]))  # ceil
+    if factor > 1:
+        size = (image.shape[1] * factor, image.shape[0] * factor)
+        image = cv2.resize(image, size, interpolation=cv2.INTER_NEAREST)
+        pred = cv2.resize(pred.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        gt = cv2.resize(gt.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     gt_fg = gt == 1
     panel = np.concatenate(
         [overlay(image, pred, (255, 0, 0)), overlay(image, gt_fg, (0, 200, 0))], axis=1
