@@ -79,7 +79,7 @@ def save_visualization(
     panel = np.concatenate(
         [overlay(image, pred, (255, 0, 0)), overlay(image, gt_fg, (0, 200, 0))], axis=1
     )
-    scale = max(panel.shape[1] / 800, 0.35)
+    scale = max(panel.shape[1] / 800, 0.5)
     band = np.full((int(28 * scale) + 8, panel.shape[1], 3), 255, np.uint8)
     cv2.putText(
         band, caption[:120], (4, int(20 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale,
