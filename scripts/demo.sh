@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The built-in demo: the whole LLM-Seg pipeline on a laptop CPU, no download, in minutes.
+#
+#   bash scripts/demo.sh OUT_DIR
+#
+# 1. generate  a synthetic ReasonSeg-format dataset (prepare_datasets/prepare_synthetic.py)
+# 2. proposals "segment everything" proposals with the weight-free backend (the real prepare
+#              pipeline; SAM weights are not needed)
+# 3. model     tiny random LLaVA/CLIP/DINOv2 with a tokenizer trained on the queries
+#              (model/presets.py; its flags go to OUT_DIR/checkpoints/model_args.txt)
+# 4. train     training.py (DeepSpeed on the CPU), TensorBoard logs in OUT_DIR/train
+# 5. evaluate  eval.py on the held-out val split, an overlay picture per query
+# 6. report    OUT_DIR/metrics.json: gIoU/cIoU beside chance (a random proposal) and oracle (the
+#              best proposal), per query type; OUT_DIR/vis/*.png
+#
+# Selection is argmax (each query has exactly one target, so the single best-scoring proposal
+# is the answer). Sizes can be overridden from the environment, e.g. the test suite's variant:
+#   DEMO_NUM_TRAIN=40 DEMO_NUM_VAL=20 DEMO_EPOCHS=1 DEMO_STEPS_PER_EPOCH=100 bash scripts/demo.sh out
+# A rerun starts over: the demo's own folders inside OUT_DIR are replaced.
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+  echo "usage: bash scripts/demo.sh OUT_DIR" >&2
+  exit 2
+fi
+
+PYTHON="${PYTHON:-python}"
+SEED="${DEMO_SEED:-0}"
+NUM_TRAIN="${DEMO_NUM_TRAIN:-1500}"
+NUM_VAL="${DEMO_NUM_VAL:-100}"
+IMAGE_SIZE="${DEMO_IMAGE_SIZE:-128}"
+JOBS="${DEMO_JOBS:-2}"                        # parallel proposal processes
+EPOCHS="${DEMO_EPOCHS:-7}"
+STEPS_PER_EPOCH="${DEMO_STEPS_PER_EPOCH:-200}"
+BATCH_SIZE="${DEMO_BATCH_SIZE:-8}"            # images per optimizer step
+QUERIES_PER_IMAGE="${DEMO_QUERIES_PER_IMAGE:-3}"  # phrasings of an image's query per step
+LR="${DEMO_LR:-2e-3}"
+WARMUP_STEPS="${DEMO_WARMUP_STEPS:-50}"
+TOP_K="${DEMO_TOP_K:-50}"                     # proposals the model chooses from
+# Tiny tensors: one thread per process is fastest (extra threads only spin on a busy CPU).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export TOKENIZERS_PARALLELISM=false
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$1"
+OUT="$(cd "$1" && pwd)"
+cd "$REPO"
+
+DATASET="$OUT/dataset"
+MASKS="$OUT/sam_masks"
+STAGES=""
+
+stage() {  # stage NUMBER NAME MESSAGE
+  STAGE_NAME=$2
+  STAGE_START=$SECONDS
+  echo
+  echo "==> [$1/6] $3"
+}
+
+stage_done() {
+  local seconds=$((SECONDS - STAGE_START))
+  STAGES="${STAGES:+$STAGES,}$STAGE_NAME=$seconds"
+  echo "    $STAGE_NAME done in ${seconds}s"
+}
+
+rm -rf "$DATASET" "$MASKS" "$OUT/checkpoints" "$OUT/train" "$OUT/eval" "$OUT/vis" \
+  "$OUT/metrics.json"
+
+stage 1 generate "synthetic dataset: $NUM_TRAIN train / $NUM_VAL val images of ${IMAGE_SIZE}px"
+"$PYTHON" -m prepare_datasets.prepare_synthetic --out_dir "$DATASET" --seed "$SEED" \
+  --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --num_test 0 --image_size "$IMAGE_SIZE"
+stage_done
+
+stage 2 proposals "weight-free mask proposals ($JOBS processes; progress of the first shown)"
+PROPOSALS=("$PYTHON" -m prepare_datasets.prepare_reason_seg --dataset_dir "$DATASET"
+  --sam_masks_dir "$MASKS" --backend weightfree --splits train,val --no-fsync --num_shards "$JOBS")
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT  # no shard outlives a failed demo
+for ((shard = 1; shard < JOBS; shard++)); do
+  "${PROPOSALS[@]}" --shard_id "$shard" >"$OUT/proposals_shard$shard.log" 2>&1 &
+  pids+=($!)
+done
+"${PROPOSALS[@]}" --shard_id 0
+for index in "${!pids[@]}"; do
+  if ! wait "${pids[$index]}"; then
+    shard=$((index + 1))
+    echo "proposal shard $shard failed; the end of $OUT/proposals_shard$shard.log:" >&2
+    tail -n 20 "$OUT/proposals_shard$shard.log" >&2
+    exit 1
+  fi
+done
+trap - EXIT
+for split in train val; do
+  if [[ ! -f "$MASKS/reason_seg/ReasonSeg/$split/masks.h5" ]]; then
+    echo "no proposal store for $split: a shard did not finish" >&2
+    exit 1
+  fi
+done
+stage_done
+
+stage 3 model "tiny random checkpoints, tokenizer trained on the training queries"
+"$PYTHON" -m model.presets --dataset_dir "$DATASET" --out_dir "$OUT/checkpoints" --seed "$SEED"
+mapfile -t MODEL_ARGS <"$OUT/checkpoints/model_args.txt"
+stage_done
+
+DATA_ARGS=(--dataset_dir "$DATASET" --sam_masks_dir "$MASKS" --val_dataset "ReasonSeg|val"
+  --top_k_proposals "$TOP_K" --selection argmax --device cpu)
+
+stage 4 train "training.py: $EPOCHS epochs x $STEPS_PER_EPOCH steps of $BATCH_SIZE images"
+"$PYTHON" training.py "${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" \
+  --dataset reason_seg --sample_rates 1 --num_classes_per_sample "$QUERIES_PER_IMAGE" \
+  --epochs "$EPOCHS" --steps_per_epoch "$STEPS_PER_EPOCH" --batch_size "$BATCH_SIZE" \
+  --grad_accumulation_steps 1 --lr "$LR" --warmup_steps "$WARMUP_STEPS" --workers 1 \
+  --seed "$SEED" --print_freq 25 --log_base_dir "$OUT" --exp_name train
+stage_done
+
+stage 5 evaluate "eval.py on the held-out val split (final weights), with pictures"
+"$PYTHON" eval.py "${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" \
+  --checkpoint "$OUT/train" --checkpoint_tag latest --visualize --out_dir "$OUT/eval"
+stage_done
+
+stage 6 report "chance and oracle of the proposals, per query type"
+"$PYTHON" -m prepare_datasets.demo_report --dataset_dir "$DATASET" --sam_masks_dir "$MASKS" \
+  --split val --eval_dir "$OUT/eval" --out_dir "$OUT" --top_k_proposals "$TOP_K" \
+  --stage_seconds "$STAGES"
+
+echo
+echo "metrics:      $OUT/metrics.json"
+echo "pictures:     $OUT/vis/  (query on top; prediction red | ground truth green)"
+echo "tensorboard:  tensorboard --logdir $OUT/train"

@@ -1,0 +1,56 @@
+"""The built-in demo end to end: a fast variant of ``bash scripts/demo.sh`` must learn.
+
+Same chain as the full demo (generate -> weight-free proposals -> tiny checkpoints -> training.py
+-> eval.py -> report), with a few dozen images and a hundred-odd steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prepare_datasets.synthetic_queries import QUERY_TYPES
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {
+    "DEMO_NUM_TRAIN": "60",
+    "DEMO_NUM_VAL": "30",
+    "DEMO_EPOCHS": "1",
+    "DEMO_STEPS_PER_EPOCH": "250",
+    "DEMO_BATCH_SIZE": "4",
+    "DEMO_WARMUP_STEPS": "25",
+}
+
+
+def test_fast_demo_learns_and_writes_its_outputs(tmp_path):
+    out_dir = tmp_path / "demo out"  # a space in the path must not break the script
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", **FAST)
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "demo.sh"), str(out_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["num_images"] == 30
+    assert metrics["selection"] == "argmax"
+    assert 0 < metrics["chance_giou"] < metrics["oracle_giou"] <= 1
+    assert set(metrics["per_query_type"]) == set(QUERY_TYPES)
+    assert sum(t["num_images"] for t in metrics["per_query_type"].values()) == 30
+    # It learns: clearly better than picking a proposal at random.
+    assert metrics["giou"] >= 2 * metrics["chance_giou"], metrics
+    assert set(metrics["stage_seconds"]) == {"generate", "proposals", "model", "train", "evaluate"}
+
+    pictures = sorted((out_dir / "vis").glob("*.png"))
+    assert len(pictures) == 30
+    assert pictures[0].stat().st_size > 1000
+    assert list((out_dir / "train").glob("events.out.tfevents.*"))
+    assert "chance" in result.stdout
+    assert str(out_dir / "vis") in result.stdout
