@@ -24,15 +24,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Set when ensure_process_group_env chose MASTER_PORT itself (a launcher's port is never changed).
+_OWN_PORT = False
+# A port found free can be taken by another process before the store binds it (two runs started
+# together on one machine): that many fresh ports are tried before giving up.
+_PORT_ATTEMPTS = 5
+
+
 def ensure_process_group_env() -> None:
     """Make a plain single process look like rank 0 of a world of 1 (no launcher needed)."""
+    global _OWN_PORT
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+        _OWN_PORT = True
 
 
 def init_process_group(device: torch.device) -> None:
@@ -42,7 +52,16 @@ def init_process_group(device: torch.device) -> None:
     import deepspeed
 
     ensure_process_group_env()
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    for attempt in range(1, _PORT_ATTEMPTS + 1):
+        try:
+            deepspeed.init_distributed(dist_backend=backend)
+            return
+        except torch.distributed.DistNetworkError:
+            if not _OWN_PORT or attempt == _PORT_ATTEMPTS:
+                raise
+            logger.warning("port %s was taken meanwhile; trying another", os.environ["MASTER_PORT"])
+            os.environ["MASTER_PORT"] = str(_free_port())
 
 
 def rank() -> int:
