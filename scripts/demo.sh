@@ -15,7 +15,8 @@
 #
 # Selection is argmax (each query has exactly one target, so the single best-scoring proposal
 # is the answer). Sizes can be overridden from the environment, e.g. the test suite's variant:
-#   DEMO_NUM_TRAIN=40 DEMO_NUM_VAL=20 DEMO_EPOCHS=1 DEMO_STEPS_PER_EPOCH=100 bash scripts/demo.sh out
+#   DEMO_NUM_TRAIN=60 DEMO_NUM_VAL=30 DEMO_EPOCHS=1 DEMO_STEPS_PER_EPOCH=250 DEMO_BATCH_SIZE=4 \
+#     DEMO_WARMUP_STEPS=25 bash scripts/demo.sh out
 # A rerun starts over: the demo's own folders inside OUT_DIR are replaced.
 set -euo pipefail
 
