@@ -37,6 +37,7 @@ import torch
 from utils.config import parse_config, save_config
 from utils.data.images import load_rgb_image
 from utils.data.reason_seg import load_reason_seg_split
+from utils.evaluation import write_json_atomic
 from utils.logging_setup import setup_logging
 from utils.masks import mask_iou_iop
 from utils.metrics import IGNORE_LABEL, resize_nearest
@@ -218,12 +219,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 def _copy_visualizations(eval_dir: Path, out_dir: Path) -> int:
     """Copy ``eval_dir/vis/*.png`` to ``out_dir/vis`` (replacing an older copy whole)."""
     source = eval_dir / "vis"
@@ -277,7 +272,7 @@ def main(config: DemoReportConfig) -> dict:
         json.loads(metrics_path.read_text()), baselines, parse_stage_seconds(config.stage_seconds)
     )
     report["num_pictures"] = _copy_visualizations(eval_dir, out_dir)
-    _write_json(report, out_dir / "metrics.json")
+    write_json_atomic(report, out_dir / "metrics.json")
     logger.info("wrote %s and %d pictures", out_dir / "metrics.json", report["num_pictures"])
     return report
 
