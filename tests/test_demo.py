@@ -27,7 +27,11 @@ FAST = {
 
 def test_fast_demo_learns_and_writes_its_outputs(tmp_path):
     out_dir = tmp_path / "demo out"  # a space in the path must not break the script
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", **FAST)
+    # In-process training tests leave this process's rendezvous variables (and its listening
+    # store) behind; the demo's own training must choose its own.
+    rendezvous = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", **FAST)
     result = subprocess.run(
         ["bash", str(REPO / "scripts" / "demo.sh"), str(out_dir)],
         cwd=tmp_path,
