@@ -23,7 +23,12 @@ Each json has ReasonSeg's keys ``text`` (phrasings of the one query), ``is_sente
 the outline through the object, so the polygons rasterise exactly to the visible mask with
 ReasonSeg's reader), plus ``query_type``, ``query_subtype``, ``target`` and ``reference``
 (indices into ``objects``), ``objects`` (the scene in drawing order, later on top, with measured
-areas, boxes and centroids), ``background`` and ``image_size`` ``[height, width]``.
+areas, boxes and centroids), ``background`` and ``image_size`` ``[height, width]``. With
+``--extra_queries N`` it also holds ``extra_queries``: up to ``N`` further queries about the same
+picture, each about another object, with the same query fields (``text``, ``is_sentence``,
+``shapes``, ``query_type``, ...). Training asks several of them about one picture in one step
+(`utils/data/reason_seg.py`), so only the words tell the targets apart; evaluation reads the
+main query only, so the splits stay standard ReasonSeg.
 
 Deterministic: every image draws from its own generator seeded by ``(seed, split, index)``, so a
 rerun writes byte-identical files. Each split is written to a temporary folder and swapped into
@@ -92,6 +97,14 @@ class SyntheticConfig:
     min_objects: int = field(default=3, metadata={"help": "fewest objects in a scene"})
     max_objects: int = field(default=6, metadata={"help": "most objects in a scene"})
     texts_per_query: int = field(default=3, metadata={"help": "phrasings stored in 'text'"})
+    extra_queries: int = field(
+        default=0,
+        metadata={
+            "help": "further queries about the same scene, each with another target, stored under "
+            "'extra_queries' (training asks several of them about one picture; evaluation reads "
+            "the main query only)"
+        },
+    )
     overlap_probability: float = field(
         default=0.5, metadata={"help": "fraction of scenes whose objects may overlap"}
     )
@@ -110,6 +123,8 @@ class SyntheticConfig:
                 "need 2 <= --min_objects <= --max_objects <= "
                 f"{len(SHAPES) + 1}, got {self.min_objects} and {self.max_objects}"
             )
+        if self.extra_queries < 0:
+            raise ValueError(f"--extra_queries must be >= 0, got {self.extra_queries}")
         if self.texts_per_query < 1:
             raise ValueError(f"--texts_per_query must be >= 1, got {self.texts_per_query}")
         if not 0.0 <= self.overlap_probability <= 1.0:
@@ -118,6 +133,31 @@ class SyntheticConfig:
             )
         if not 50 <= self.jpeg_quality <= 100:
             raise ValueError(f"--jpeg_quality must be in [50, 100], got {self.jpeg_quality}")
+
+
+@dataclass
+class PhrasedQuery:
+    """A query with its form, phrasings and the labelme polygons of its target's visible region."""
+
+    query: Query
+    is_sentence: bool
+    texts: list[str]
+    polygons: list[np.ndarray]
+
+    def to_record(self) -> dict:
+        """The query's ReasonSeg fields (``text``, ``is_sentence``, ``shapes``) and its labels."""
+        return {
+            "text": self.texts,
+            "is_sentence": self.is_sentence,
+            "shapes": [
+                {"label": "target", "points": polygon.tolist(), "shape_type": "polygon"}
+                for polygon in self.polygons
+            ],
+            "query_type": self.query.query_type,
+            "query_subtype": self.query.subtype,
+            "target": self.query.target,
+            "reference": self.query.reference,
+        }
 
 
 @dataclass
@@ -133,6 +173,8 @@ class SyntheticSample:
         is_sentence: long sentence (True) or short phrase (False).
         texts: phrasings of the query.
         polygons: labelme polygons of the target's visible region, ``(V, 2)`` int32 each.
+        extra_queries: further queries about the scene, each with a target of its own (none is
+            the main query's target, no two share one).
     """
 
     image: np.ndarray
@@ -143,6 +185,7 @@ class SyntheticSample:
     is_sentence: bool
     texts: list[str]
     polygons: list[np.ndarray]
+    extra_queries: list[PhrasedQuery] = field(default_factory=list)
 
     def to_record(self) -> dict:
         """The ReasonSeg json of this sample (plain Python types only)."""
@@ -162,22 +205,16 @@ class SyntheticSample:
                     "visible_centroid": [round(c, 2) for c in geo.centroid],
                 }
             )
-        shapes = [
-            {"label": "target", "points": polygon.tolist(), "shape_type": "polygon"}
-            for polygon in self.polygons
-        ]
-        return {
-            "text": self.texts,
-            "is_sentence": self.is_sentence,
-            "shapes": shapes,
-            "query_type": self.query.query_type,
-            "query_subtype": self.query.subtype,
-            "target": self.query.target,
-            "reference": self.query.reference,
+        main_query = PhrasedQuery(self.query, self.is_sentence, self.texts, self.polygons)
+        record = {
+            **main_query.to_record(),
             "objects": objects,
             "background": self.background,
             "image_size": list(self.image.shape[:2]),
         }
+        if self.extra_queries:
+            record["extra_queries"] = [extra.to_record() for extra in self.extra_queries]
+        return record
 
 
 @dataclass
@@ -225,23 +262,84 @@ def generate_sample(
         if not candidates:
             continue
         query = choose_query(rng, candidates)
-        polygons = mask_to_polygons(visible_masks[query.target])
-        shapes = [{"label": "target", "points": p.tolist()} for p in polygons]
-        # The stored polygons must rasterise (as ReasonSeg readers do) to exactly what is visible.
-        if not np.array_equal(
-            labelme_to_mask(shapes, size, size) == 1, visible_masks[query.target]
-        ):
+        polygons = exact_polygons(visible_masks[query.target])
+        if polygons is None:
             continue
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
         image = render_image(rng, objects, full_masks, background)
         texts = phrase_query(rng, query, is_sentence, config.texts_per_query)
+        # Drawn last, so the main query and the picture do not depend on --extra_queries.
+        extras = extra_scene_queries(
+            rng,
+            objects,
+            geometry,
+            visible_masks,
+            query.target,
+            config.extra_queries,
+            config.texts_per_query,
+        )
         return SyntheticSample(
-            image, objects, geometry, background, query, is_sentence, texts, polygons
+            image, objects, geometry, background, query, is_sentence, texts, polygons, extras
         )
     raise RuntimeError(
         f"no clear scene with a unique {query_type} query in {MAX_ATTEMPTS} attempts "
         f"(image_size={size}, objects {config.min_objects}-{config.max_objects})"
     )
+
+
+def exact_polygons(visible_mask: np.ndarray) -> list[np.ndarray] | None:
+    """Labelme polygons of ``(H, W)`` bool ``visible_mask``, or ``None`` unless they rasterise
+    (as ReasonSeg readers do) to exactly that mask."""
+    polygons = mask_to_polygons(visible_mask)
+    shapes = [{"label": "target", "points": p.tolist()} for p in polygons]
+    height, width = visible_mask.shape
+    if not np.array_equal(labelme_to_mask(shapes, height, width) == 1, visible_mask):
+        return None
+    return polygons
+
+
+def extra_scene_queries(
+    rng: np.random.Generator,
+    objects: list[SceneObject],
+    geometry: list[ObjectGeometry],
+    visible_masks: np.ndarray,
+    main_target: int,
+    count: int,
+    texts_per_query: int,
+) -> list[PhrasedQuery]:
+    """Up to ``count`` further unique-answer queries about the scene, each about another object.
+
+    Each one draws a query type uniformly among those that still have a query about an object
+    not asked for yet, then a query with :func:`choose_query`, and a random form (short or long).
+    Asked together about one picture, they can only be told apart by their words.
+
+    Args:
+        visible_masks: ``(N, H, W)`` bool visible region of each object.
+    """
+    if count == 0:
+        return []
+    side = min(visible_masks.shape[1:])
+    candidates = [
+        query
+        for query_type in QUERY_TYPES
+        for query in candidate_queries(query_type, objects, geometry, side)
+    ]
+    used, extras = {main_target}, []
+    while len(extras) < count:
+        open_queries = [q for q in candidates if q.target not in used]
+        types = sorted({q.query_type for q in open_queries})
+        if not types:
+            break
+        query_type = types[int(rng.integers(len(types)))]
+        query = choose_query(rng, [q for q in open_queries if q.query_type == query_type])
+        used.add(query.target)
+        polygons = exact_polygons(visible_masks[query.target])
+        if polygons is None:
+            continue
+        is_sentence = bool(rng.random() < 0.5)
+        texts = phrase_query(rng, query, is_sentence, texts_per_query)
+        extras.append(PhrasedQuery(query, is_sentence, texts, polygons))
+    return extras
 
 
 def _jpeg_bytes(image: np.ndarray, quality: int) -> bytes:
@@ -259,6 +357,7 @@ def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     types, subtypes, forms, overlaps, objects = Counter(), Counter(), Counter(), 0, 0
+    extra_queries = 0
     bar = tqdm(schedule, desc=f"synthetic {split}", unit="img", disable=not config.progress)
     for index, (query_type, is_sentence) in enumerate(bar):
         rng = np.random.default_rng([config.seed, split_code, index])
@@ -271,6 +370,7 @@ def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> 
         forms["long" if is_sentence else "short"] += 1
         overlaps += any(g.visible_area < g.full_area for g in sample.geometry)
         objects += len(sample.objects)
+        extra_queries += len(sample.extra_queries)
     final = root / split
     if final.exists():
         stale = root / f".{split}.stale"
@@ -287,6 +387,7 @@ def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> 
         "forms": dict(sorted(forms.items())),
         "scenes_with_overlap": overlaps,
         "mean_objects": round(objects / max(count, 1), 3),
+        "extra_queries": extra_queries,
     }
 
 

@@ -60,8 +60,14 @@ def small_config(out_dir, seed=7, **overrides) -> SyntheticConfig:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("synthetic")
-    summary = main(small_config(out_dir))
+    summary = main(small_config(out_dir, extra_queries=2))
     return out_dir, summary
+
+
+def queries_of(record) -> list[dict]:
+    """The main query and each extra one, as records with the scene's fields."""
+    scene = {k: v for k, v in record.items() if k != "extra_queries"}
+    return [scene] + [{**scene, **extra} for extra in record.get("extra_queries", [])]
 
 
 def records(root: Path, split: str):
@@ -99,7 +105,7 @@ def fill_polygons(shapes, height, width) -> np.ndarray:
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(dataset, tmp_path):
     first_dir, first = dataset
-    main(small_config(tmp_path / "again"))
+    main(small_config(tmp_path / "again", extra_queries=2))
     second_root = tmp_path / "again" / "reason_seg" / "ReasonSeg"
     files = sorted(p.relative_to(first.root) for p in first.root.glob("*/*.j*"))
     assert len(files) == 2 * 40
@@ -210,16 +216,41 @@ def satisfying(record) -> list[int]:
 
 
 def test_every_answer_is_unique_in_its_scene(dataset):
-    seen = set()
+    seen, extra_types = set(), set()
     for path, record in all_records(dataset[1].root):
-        assert satisfying(record) == [record["target"]], path.name
-        seen.add(record["query_subtype"])
+        queries = queries_of(record)
+        for query in queries:
+            assert satisfying(query) == [query["target"]], path.name
+            seen.add(query["query_subtype"])
+        # Extra queries ask about other objects than the main query and than each other.
+        targets = [query["target"] for query in queries]
+        assert len(set(targets)) == len(targets), path.name
+        extra_types.update(query["query_type"] for query in queries[1:])
     assert len(seen) >= 12  # 40 images cover many subtypes, each checked above
+    assert extra_types == set(QUERY_TYPES)
+    stats = dataset[1].stats
+    assert 40 < sum(stats[split]["extra_queries"] for split in stats) <= 2 * 40
+
+
+def test_extra_queries_leave_the_picture_and_the_main_query_unchanged(dataset, tmp_path):
+    main(small_config(tmp_path, num_train=0, num_test=0))
+    plain, with_extras = tmp_path / "reason_seg" / "ReasonSeg" / "val", dataset[1].root / "val"
+    assert sorted(p.name for p in plain.iterdir()) == sorted(p.name for p in with_extras.iterdir())
+    for path in plain.glob("*.jpg"):
+        assert path.read_bytes() == (with_extras / path.name).read_bytes(), path.name
+    counted = 0
+    for path in plain.glob("*.json"):
+        record = json.loads((with_extras / path.name).read_text())
+        counted += len(record.pop("extra_queries", []))
+        assert json.loads(path.read_text()) == record, path.name
+    assert counted == dataset[1].stats["val"]["extra_queries"] > 0
 
 
 def test_polygons_mark_exactly_the_visible_target_in_the_picture(dataset):
     root = dataset[1].root
-    for path, record in all_records(root):
+    for path, record in (
+        (path, query) for path, scene in all_records(root) for query in queries_of(scene)
+    ):
         objects = scene_from_record(record)
         target = record["target"]
         _, visible = render_masks(objects, SIZE, SIZE)
@@ -298,6 +329,8 @@ def test_generation_of_one_sample_and_bad_config():
         main(small_config("unused", image_size=16))
     with pytest.raises(ValueError, match="--max_objects"):
         main(small_config("unused", min_objects=5, max_objects=4))
+    with pytest.raises(ValueError, match="--extra_queries"):
+        main(small_config("unused", extra_queries=-1))
 
 
 def test_rerun_replaces_a_split_without_stale_files(tmp_path):
@@ -313,7 +346,8 @@ def test_cli_in_another_process_with_other_hash_seed_writes_the_same_files(datas
     root = dataset[1].root
     command = [sys.executable, "-m", "prepare_datasets.prepare_synthetic", "--dataset_dir"]
     command += [str(tmp_path), "--seed", "7", "--num_train", "0", "--num_val", "10"]
-    command += ["--num_test", "0", "--image_size", str(SIZE), "--no-progress"]
+    command += ["--num_test", "0", "--image_size", str(SIZE), "--extra_queries", "2"]
+    command += ["--no-progress"]
     environment = dict(os.environ, PYTHONHASHSEED="12345")
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

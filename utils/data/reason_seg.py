@@ -2,7 +2,11 @@
 
 Layout: ``<dataset_dir>/reason_seg/ReasonSeg/<split>/<stem>.jpg`` + ``<stem>.json`` with keys
 ``text`` (list of queries), ``is_sentence`` (long sentence vs short phrase) and ``shapes``
-(labelme polygons labelled ``target`` / ``ignore``). Splits may be joined with ``_``
+(labelme polygons labelled ``target`` / ``ignore``). A json may also hold ``extra_queries``: a
+list of further queries about the same picture, each an object with its own ``text``,
+``is_sentence`` and ``shapes`` (the synthetic demo data writes them; real ReasonSeg has none).
+Training then asks a *different* query in each round of a sample (so the rounds of one picture
+have different targets); evaluation reads the main query only. Splits may be joined with ``_``
 (``train_val``). Proposals come from ``<sam_masks_dir>/reason_seg/ReasonSeg/<split>/``, keyed by
 the image file name.
 
@@ -15,7 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +44,15 @@ class DatasetFormatError(ValueError):
 
 
 @dataclass
+class ReasonSegQuery:
+    """A further query about an item's picture (an ``extra_queries`` entry)."""
+
+    texts: list[str]
+    is_sentence: bool
+    shapes: list[dict]
+
+
+@dataclass
 class ReasonSegItem:
     """One parsed ReasonSeg image: its file, queries, query kind and polygons."""
 
@@ -49,6 +62,7 @@ class ReasonSegItem:
     shapes: list[dict]
     proposals: ProposalReader | None
     extra: dict
+    extra_queries: list[ReasonSegQuery] = field(default_factory=list)
 
     def masks(self, height: int, width: int, count: int) -> np.ndarray:
         """``(count, H, W)`` copies of the label map (1 target, 255 ignore), one per ``[SEG]``."""
@@ -56,29 +70,52 @@ class ReasonSegItem:
         return np.repeat(label_map[None], count, axis=0)
 
 
-def parse_reason_seg_json(path: Path) -> tuple[list[str], bool, list[dict], dict]:
-    """``(texts, is_sentence, shapes, other_fields)`` of one ReasonSeg json, validated."""
+def _query_masks(shapes_per_round: list[list[dict]], height: int, width: int) -> np.ndarray:
+    """``(R, H, W)`` label maps (1 target, 255 ignore), one per round's polygons."""
+    return np.stack([labelme_to_mask(shapes, height, width) for shapes in shapes_per_round])
+
+
+def _parse_query(data: dict, where: str) -> ReasonSegQuery:
+    """The ``text``/``is_sentence``/``shapes`` of one query object, validated (``where`` names it
+    in errors, e.g. ``a.json: extra_queries[2]``)."""
+    texts = data.get("text")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise DatasetFormatError(f"{where}: field 'text' must be a non-empty list of strings")
+    shapes = data.get("shapes")
+    if not isinstance(shapes, list) or not shapes:
+        raise DatasetFormatError(f"{where}: field 'shapes' must be a non-empty list of polygons")
+    for index, shape in enumerate(shapes):
+        if not isinstance(shape, dict) or "points" not in shape or "label" not in shape:
+            raise DatasetFormatError(f"{where}: shapes[{index}] needs 'label' and 'points'")
+    if "is_sentence" not in data:
+        raise DatasetFormatError(f"{where}: field 'is_sentence' is missing")
+    return ReasonSegQuery(list(texts), bool(data["is_sentence"]), shapes)
+
+
+def parse_reason_seg_json(path: Path) -> tuple[ReasonSegQuery, list[ReasonSegQuery], dict]:
+    """``(main_query, extra_queries, other_fields)`` of one ReasonSeg json, validated."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetFormatError(f"{path}: not a readable json file ({error})") from None
     if not isinstance(data, dict):
         raise DatasetFormatError(f"{path}: expected a json object, found {type(data).__name__}")
-    texts = data.get("text")
-    if isinstance(texts, str):
-        texts = [texts]
-    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise DatasetFormatError(f"{path}: field 'text' must be a non-empty list of strings")
-    shapes = data.get("shapes")
-    if not isinstance(shapes, list) or not shapes:
-        raise DatasetFormatError(f"{path}: field 'shapes' must be a non-empty list of polygons")
-    for index, shape in enumerate(shapes):
-        if not isinstance(shape, dict) or "points" not in shape or "label" not in shape:
-            raise DatasetFormatError(f"{path}: shapes[{index}] needs 'label' and 'points'")
-    if "is_sentence" not in data:
-        raise DatasetFormatError(f"{path}: field 'is_sentence' is missing")
-    extra = {k: v for k, v in data.items() if k not in ("text", "shapes", "is_sentence")}
-    return list(texts), bool(data["is_sentence"]), shapes, extra
+    main_query = _parse_query(data, str(path))
+    extra_data = data.get("extra_queries", [])
+    if not isinstance(extra_data, list):
+        raise DatasetFormatError(f"{path}: field 'extra_queries' must be a list of queries")
+    extra_queries = []
+    for index, entry in enumerate(extra_data):
+        where = f"{path}: extra_queries[{index}]"
+        if not isinstance(entry, dict):
+            raise DatasetFormatError(f"{where} must be an object with 'text', 'shapes', ...")
+        extra_queries.append(_parse_query(entry, where))
+    other = {
+        k: v for k, v in data.items() if k not in ("text", "shapes", "is_sentence", "extra_queries")
+    }
+    return main_query, extra_queries, other
 
 
 def load_reason_seg_split(dataset_dir: str | Path, sam_masks_dir: str | Path | None, splits: str):
@@ -101,8 +138,18 @@ def load_reason_seg_split(dataset_dir: str | Path, sam_masks_dir: str | Path | N
             json_path = image_path.with_suffix(".json")
             if not json_path.is_file():
                 raise DatasetFormatError(f"{image_path}: no annotation {json_path.name} beside it")
-            texts, is_sentence, shapes, extra = parse_reason_seg_json(json_path)
-            items.append(ReasonSegItem(image_path, texts, is_sentence, shapes, proposals, extra))
+            query, extra_queries, other = parse_reason_seg_json(json_path)
+            items.append(
+                ReasonSegItem(
+                    image_path,
+                    query.texts,
+                    query.is_sentence,
+                    query.shapes,
+                    proposals,
+                    other,
+                    extra_queries,
+                )
+            )
     return items
 
 
@@ -114,11 +161,11 @@ def _groups(item: ReasonSegItem) -> tuple[str, ...]:
     return groups
 
 
-def _record(item: ReasonSegItem, conversations, queries) -> SegmentationRecord:
+def _record(item: ReasonSegItem, conversations, queries, masks=None) -> SegmentationRecord:
     return SegmentationRecord(
         image_path=item.image_path,
         conversations=conversations,
-        masks=functools.partial(item.masks, count=len(conversations)),
+        masks=masks or functools.partial(item.masks, count=len(conversations)),
         proposals=item.proposals,
         proposal_key=item.image_path.name,
         name=item.image_path.stem,
@@ -131,16 +178,34 @@ def _record(item: ReasonSegItem, conversations, queries) -> SegmentationRecord:
 def reason_seg_train_record(
     item: ReasonSegItem, rng: random.Random, num_queries: int = 3
 ) -> SegmentationRecord:
-    """A training sample: up to ``num_queries`` of the image's texts, each its own conversation."""
-    texts = rng.sample(item.texts, min(num_queries, len(item.texts)))
-    conversations = []
-    for text in texts:
-        if item.is_sentence:
-            question = rng.choice(LONG_QUESTION_TEMPLATES).format(sent=text)
-        else:
-            question = rng.choice(SHORT_QUESTION_TEMPLATES).format(class_name=text.lower())
-        conversations.append([(question, rng.choice(ANSWER_TEMPLATES))])
-    return _record(item, conversations, texts)
+    """A training sample of up to ``num_queries`` conversations (rounds) about the image.
+
+    Without ``extra_queries``: that many of the query's phrasings, one per conversation, all with
+    the same target. With them: that many *different* queries (the main one among them), one
+    random phrasing each, every conversation with its own query's target.
+    """
+    if not item.extra_queries:
+        texts = rng.sample(item.texts, min(num_queries, len(item.texts)))
+        conversations = [_conversation(text, item.is_sentence, rng) for text in texts]
+        return _record(item, conversations, texts)
+    main_query = ReasonSegQuery(item.texts, item.is_sentence, item.shapes)
+    pool = [main_query, *item.extra_queries]
+    chosen = rng.sample(pool, min(num_queries, len(pool)))
+    texts = [rng.choice(query.texts) for query in chosen]
+    conversations = [
+        _conversation(text, query.is_sentence, rng) for text, query in zip(texts, chosen)
+    ]
+    masks = functools.partial(_query_masks, [query.shapes for query in chosen])
+    return _record(item, conversations, texts, masks)
+
+
+def _conversation(text: str, is_sentence: bool, rng: random.Random) -> list[tuple[str, str]]:
+    """One training round: a random question template around ``text``, a random answer."""
+    if is_sentence:
+        question = rng.choice(LONG_QUESTION_TEMPLATES).format(sent=text)
+    else:
+        question = rng.choice(SHORT_QUESTION_TEMPLATES).format(class_name=text.lower())
+    return [(question, rng.choice(ANSWER_TEMPLATES))]
 
 
 def reason_seg_eval_record(item: ReasonSegItem) -> SegmentationRecord:
@@ -154,7 +219,8 @@ def reason_seg_eval_record(item: ReasonSegItem) -> SegmentationRecord:
 
 
 class ReasonSegSource:
-    """Training source: a random ReasonSeg image with up to ``num_queries`` of its texts."""
+    """Training source: a random ReasonSeg image with up to ``num_queries`` of its queries
+    (:func:`reason_seg_train_record`)."""
 
     name = "reason_seg"
 

@@ -1,8 +1,12 @@
 """ReasonSeg loading, sample encoding and mixing on a native-format fixture."""
 
 import json
+import random
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from model.builder import build_llm_seg, tiny_llm_seg_config
 from tests.data_fixtures import write_reason_seg
@@ -97,6 +101,55 @@ def test_training_records_are_reproducible_and_rank_distinct(dataset, encoder):
     assert rank0 == [0, 2, 4, 6]
     assert rank1 == [1, 3, 5, 7]
     assert list(ResumableSampler(4, rank=1, world_size=2, start=3)) == [7]
+
+
+def test_extra_queries_give_each_round_its_own_target(dataset, encoder, tmp_path):
+    sample_encoder, _ = encoder
+    folder = tmp_path / "reason_seg" / "ReasonSeg" / "train"
+    folder.mkdir(parents=True)
+    src = dataset[0] / "reason_seg" / "ReasonSeg" / "val"
+    (folder / "img_000.jpg").write_bytes((src / "img_000.jpg").read_bytes())
+    record = json.loads((src / "img_000.json").read_text())
+    pixels = np.asarray(Image.open(folder / "img_000.jpg"), dtype=np.int32)
+    rows, columns = np.nonzero((pixels[..., 2] > 150) & (pixels[..., 0] < 100))  # blue square
+    corners = [[int(columns.min()), int(rows.min())], [int(columns.max()), int(rows.min())]]
+    corners += [[int(columns.max()), int(rows.max())], [int(columns.min()), int(rows.max())]]
+    blue = {"text": ["blue square"], "is_sentence": False, "shapes": [{"label": "target",
+            "points": corners}], "query_type": "attribute"}  # fmt: skip
+    record["extra_queries"] = [blue]
+    (folder / "img_000.json").write_text(json.dumps(record))
+    sam_masks = tmp_path / "sam_masks" / "reason_seg" / "ReasonSeg" / "train"
+    sam_masks.parent.mkdir(parents=True)
+    sam_masks.symlink_to(dataset[1] / "reason_seg" / "ReasonSeg" / "val")
+    (item,) = load_reason_seg_split(tmp_path, tmp_path / "sam_masks", "train")
+    assert [q.texts for q in item.extra_queries] == [["blue square"]]
+    assert "extra_queries" not in item.extra
+    # Evaluation reads the main query only.
+    assert reason_seg_eval_record(item).queries == [record["text"][0]]
+    evaluated = sample_encoder(reason_seg_eval_record(item))
+    red = evaluated.proposal_binary[evaluated.proposal_ious[0].argmax()]
+    source = ReasonSegSource([item], num_queries=3)
+    for seed in range(4):
+        sample = sample_encoder(source.sample_record(random.Random(seed)))
+        queries = sample.record.queries
+        assert sorted(q in record["text"] for q in queries) == [False, True]  # one of each
+        # Each round's best proposal is its own query's square (the red one for the main query).
+        best = sample.proposal_ious.argmax(dim=1)
+        assert (sample.proposal_ious.max(dim=1).values > 0.9).all()
+        main_round = 1 - queries.index("blue square")
+        assert torch.equal(sample.proposal_binary[best[main_round]], red)
+        assert not torch.equal(sample.proposal_binary[best[1 - main_round]], red)
+    # Malformed extra queries are named by file and index.
+    record["extra_queries"] = [blue, {"text": ["x"], "is_sentence": True}]
+    (folder / "img_000.json").write_text(json.dumps(record))
+    with pytest.raises(
+        DatasetFormatError, match=r"img_000\.json: extra_queries\[1\]: field 'shapes'"
+    ):
+        load_reason_seg_split(tmp_path, None, "train")
+    record["extra_queries"] = {"text": "x"}
+    (folder / "img_000.json").write_text(json.dumps(record))
+    with pytest.raises(DatasetFormatError, match=r"field 'extra_queries' must be a list"):
+        load_reason_seg_split(tmp_path, None, "train")
 
 
 def test_mixture_parsing_errors():
