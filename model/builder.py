@@ -70,8 +70,8 @@ class LLMSegConfig:
     )
     mask_geometry_embedding: bool = field(
         default=False,
-        metadata={"help": "add a mask-geometry embedding (size, place, box, shape) to the pooled "
-                  "proposal features; not in the paper (see model/mask_geometry.py)"},
+        metadata={"help": "add a mask-geometry embedding (size, place, box, outline) to the "
+                  "pooled proposal features; not in the paper (see model/mask_geometry.py)"},
     )  # fmt: skip
     model_max_length: int = field(default=512, metadata={"help": "tokenizer length limit"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (0 disables LoRA)"})

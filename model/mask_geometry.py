@@ -18,10 +18,17 @@ For each proposal weight map ``w`` (``(M, M)`` in the padded-square image frame,
 * the *shape*: the map resampled to ``G x G`` inside its own bounding box (position and scale
   removed, so a triangle looks like a triangle whatever its size and place).
 
+* the *outline*, rotation-invariantly (:func:`radial_shape_descriptors`): the distance from the
+  centroid to the outline in each of ``B`` directions, relative to its mean, summarised by the
+  amplitudes of its first ``H`` angular harmonics (a triangle has a strong 3rd, a square a 4th,
+  a star a 5th, a circle none), plus how hollow it is (inner over outer radius: a ring's is about
+  one half) and how much of its mean-radius disc it fills. The thumbnail changes as a shape turns;
+  these do not, so "three corners" is learnt from a few dozen triangles at random angles.
+
 The seven scalars are expanded into Fourier features (``sin``/``cos`` at ``F`` octaves, as
 positional encodings are: an MLP learns comparisons of positions and sizes far faster from them
-than from raw coordinates), and a two-layer MLP turns the ``7 * (1 + 2F) + G^2`` numbers into an
-``E``-vector that is added to the pooled feature of the proposal, before the selection
+than from raw coordinates), and a two-layer MLP turns the ``7 * (1 + 2F) + G^2 + H + 2`` numbers
+into an ``E``-vector that is added to the pooled feature of the proposal, before the selection
 transformer (which can then compare proposals: "largest", "leftmost", "above the star").
 """
 
@@ -34,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 NUM_SCALAR_DESCRIPTORS = 7  # sqrt(area), centroid (2), bounding box (4)
+RADIAL_BINS = 32  # directions of the radial outline profile
+RADIAL_HARMONICS = 8  # its angular harmonics kept (a hexagon needs the 6th)
 
 
 def fourier_features(values: torch.Tensor, num_octaves: int) -> torch.Tensor:
@@ -117,6 +126,64 @@ def _box_thumbnails(weights: torch.Tensor, box: torch.Tensor, grid: int) -> torc
     return sampled[:, 0]
 
 
+def radial_shape_descriptors(
+    proposal_masks: torch.Tensor,
+    num_bins: int = RADIAL_BINS,
+    num_harmonics: int = RADIAL_HARMONICS,
+) -> torch.Tensor:
+    """Rotation-invariant outline of each proposal weight map.
+
+    The pixels with ``w > 0.5`` are binned by their direction from the map's centroid. Per
+    direction, the outer radius (farthest pixel) and the inner radius (nearest pixel) are taken
+    (radii to pixel edges, so a one-pixel map has radius 0.5).
+
+    Args:
+        proposal_masks: ``(K, M, M)`` weight maps in ``[0, 1]``.
+        num_bins: ``B`` directions.
+        num_harmonics: ``H`` harmonics kept, ``H <= B // 2``.
+    Returns:
+        ``(K, H + 2)`` float32: ``4 * |harmonic h| / mean`` of the outer-radius profile for
+        ``h = 1..H`` (4x the cosine amplitude relative to the mean radius: about 1 for a
+        triangle's 3rd, 0.1 for a hexagon's 6th, 0 for a disc), then the mean inner over the mean
+        outer radius (about 0.5 for a ring, about 0.2 for a solid shape of 10-15 pixels: the
+        nearest pixel centre in a narrow direction is a pixel or two out), then the area over the
+        disc of the mean outer radius (about 1 for a disc, 0.7 for a ring). All zero for an empty
+        map.
+    """
+    if not 1 <= num_harmonics <= num_bins // 2:
+        raise ValueError(f"need 1 <= num_harmonics <= num_bins // 2, got {num_harmonics}")
+    num, size = proposal_masks.shape[0], proposal_masks.shape[-1]
+    inside = proposal_masks.float() > 0.5
+    if num == 0:
+        return torch.zeros((0, num_harmonics + 2), device=proposal_masks.device)
+    coords = torch.arange(size, device=inside.device, dtype=torch.float32) + 0.5
+    mass = inside.flatten(1).sum(dim=1).float()  # (K,)
+    safe_mass = mass.clamp_min(1.0)
+    centroid_x = (inside.sum(dim=1) * coords).sum(dim=1) / safe_mass
+    centroid_y = (inside.sum(dim=2) * coords).sum(dim=1) / safe_mass
+    dx = coords[None, None, :] - centroid_x[:, None, None]  # (K, 1, M)
+    dy = coords[None, :, None] - centroid_y[:, None, None]  # (K, M, 1)
+    radius = (dx.square() + dy.square()).sqrt() + 0.5  # (K, M, M), to the pixel's far edge
+    angle = torch.atan2(dy.expand_as(radius), dx.expand_as(radius))
+    bins = ((angle + math.pi) * (num_bins / (2 * math.pi))).long().clamp(0, num_bins - 1)
+    bins, inside, radius = bins.flatten(1), inside.flatten(1), radius.flatten(1)
+    outer = radius.new_zeros((num, num_bins)).scatter_reduce(
+        1, bins, radius.masked_fill(~inside, 0.0), "amax", include_self=True
+    )
+    far = float(2 * size)  # more than any radius: marks "no pixel in this direction"
+    inner = radius.new_full((num, num_bins), far).scatter_reduce(
+        1, bins, (radius - 1.0).clamp_min(0.0).masked_fill(~inside, far), "amin", include_self=True
+    )
+    inner = inner.masked_fill(inner >= far, 0.0)
+    mean_outer = outer.mean(dim=1).clamp_min(1e-6)
+    profile = outer / mean_outer[:, None]
+    harmonics = torch.fft.rfft(profile, dim=1).abs()[:, 1 : num_harmonics + 1] * (8.0 / num_bins)
+    hollowness = inner.mean(dim=1) / mean_outer
+    fill = mass / (math.pi * mean_outer.square())
+    descriptors = torch.cat([harmonics, hollowness[:, None], fill[:, None]], dim=1)
+    return torch.where((mass > 0)[:, None], descriptors, torch.zeros_like(descriptors))
+
+
 class MaskGeometryEmbedding(nn.Module):
     """MLP over :func:`mask_geometry_descriptors`: ``(K, M, M)`` maps -> ``(K, E)`` embeddings.
 
@@ -132,14 +199,22 @@ class MaskGeometryEmbedding(nn.Module):
         self.num_octaves = num_octaves
         num_scalars = NUM_SCALAR_DESCRIPTORS * (1 + 2 * num_octaves)
         self.mlp = nn.Sequential(
-            nn.Linear(num_scalars + grid * grid, embed_dim),
+            nn.Linear(num_scalars + grid * grid + RADIAL_HARMONICS + 2, embed_dim),
             nn.ReLU(),
             nn.Linear(embed_dim, embed_dim),
         )
+        # A linear path from the centred scalars: "further left", "lower" and "larger" are a
+        # direction of the embedding from the first step. Through the MLP's Fourier features
+        # alone they are not (high octaves dominate a random projection), so the [SEG]
+        # embeddings of "leftmost" and "rightmost" got no consistent push apart and stayed equal.
+        self.linear = nn.Linear(NUM_SCALAR_DESCRIPTORS, embed_dim)
 
     def forward(self, proposal_masks: torch.Tensor) -> torch.Tensor:
         """``(K, M, M)`` weight maps -> ``(K, E)`` in the MLP's dtype."""
         descriptors = mask_geometry_descriptors(proposal_masks, self.grid)
         scalars = fourier_features(descriptors[:, :NUM_SCALAR_DESCRIPTORS], self.num_octaves)
-        features = torch.cat([scalars, descriptors[:, NUM_SCALAR_DESCRIPTORS:]], dim=1)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        outline = radial_shape_descriptors(proposal_masks)
+        features = torch.cat([scalars, descriptors[:, NUM_SCALAR_DESCRIPTORS:], outline], dim=1)
+        dtype = self.mlp[0].weight.dtype
+        centred = 2.0 * descriptors[:, :NUM_SCALAR_DESCRIPTORS] - 1.0
+        return self.mlp(features.to(dtype)) + self.linear(centred.to(dtype))

@@ -15,7 +15,9 @@ Where the preset departs from the paper's configuration, and why:
 * ``mask_geometry_embedding`` (an ``LLMSegConfig`` option, off by default): mask-average pooling
   of uniformly coloured regions keeps colour but loses size, position and outline, which "the
   largest", "the leftmost" or "the shape with three corners" need (DINOv2-L recovers some of it
-  from context; a random tiny DINOv2 cannot);
+  from context; a random tiny DINOv2 cannot). Its rotation-invariant outline harmonics let
+  "three corners" be learnt from triangles at any angle, and its linear path makes "further
+  left" a direction of the embedding from the first step;
 * sizes for a laptop CPU, not design changes: the tiny CLIP/DINOv2 of :mod:`model.tiny`, a
   LLaMA of 2 layers but 128 wide (at the kit's width 32 the ``[SEG]`` embedding of "the red
   object" and of "the blue object" stayed the same for the whole run: a width-32 LLM learns to

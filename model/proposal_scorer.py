@@ -37,8 +37,9 @@ Every attention is ``segment_anything``'s ``Attention`` (``q_proj``/``k_proj``/`
 
 Option (off by default, so the paper's model and its checkpoints are unchanged):
 ``geometry_embedding`` adds a :class:`~model.mask_geometry.MaskGeometryEmbedding` of each
-proposal's weight map (size, centroid, box, box-normalised shape) to its pooled feature, in
-:meth:`ProposalScorer.proposal_features`; its parameters live under ``geometry_embedding.*``.
+proposal's weight map (size, centroid, box, box-normalised shape, rotation-invariant outline) to
+its pooled feature, in :meth:`ProposalScorer.proposal_features`; its parameters live under
+``geometry_embedding.*``.
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ import torch
 from model.builder import LLMSegConfig
 from model.mask_geometry import (
     NUM_SCALAR_DESCRIPTORS,
+    RADIAL_HARMONICS,
     MaskGeometryEmbedding,
     fourier_features,
     mask_geometry_descriptors,
+    radial_shape_descriptors,
 )
 from model.proposal_scorer import ProposalScorer, ProposalScorerConfig
 from utils.config import parse_config
@@ -106,3 +108,48 @@ def test_flag_reaches_the_scorer_config():
     config = parse_config(LLMSegConfig, ["--mask_geometry_embedding"])
     assert config.scorer_config(feature_dim=4).geometry_embedding is True
     assert LLMSegConfig().scorer_config(feature_dim=4).geometry_embedding is False
+
+
+def _polygon_map(corners: int, radius: float, rotation: float, size: int = 64) -> torch.Tensor:
+    """``(size, size)`` map of a filled regular polygon centred in the map."""
+    angles = rotation + torch.arange(corners) * (2 * math.pi / corners)
+    vx, vy = size / 2 + radius * angles.cos(), size / 2 + radius * angles.sin()
+    centres = torch.arange(size, dtype=torch.float32) + 0.5
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    inside = torch.ones(size, size, dtype=torch.bool)
+    for i in range(corners):  # inside every edge's half-plane (the vertices run anticlockwise)
+        j = (i + 1) % corners
+        cross = (vx[j] - vx[i]) * (y - vy[i]) - (vy[j] - vy[i]) * (x - vx[i])
+        inside &= cross >= 0
+    return inside.float()
+
+
+def _disc_map(radius: float, size: int = 64, hole: float = 0.0) -> torch.Tensor:
+    centres = torch.arange(size, dtype=torch.float32) + 0.5 - size / 2
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    distance = (x.square() + y.square()).sqrt()
+    return ((distance <= radius) & (distance >= hole)).float()
+
+
+def test_radial_outline_names_the_corners_whatever_the_rotation():
+    maps = torch.stack(
+        [_polygon_map(n, 14.0, rotation) for n in (3, 4, 6) for rotation in (0.1, 0.9)]
+        + [_disc_map(12.0), _disc_map(12.0, hole=6.0), torch.zeros(64, 64)]
+    )
+    descriptors = radial_shape_descriptors(maps)
+    assert descriptors.shape == (9, RADIAL_HARMONICS + 2)
+    harmonics = descriptors[:, :RADIAL_HARMONICS]
+    for index, corners in enumerate((3, 3, 4, 4, 6, 6)):
+        assert int(harmonics[index].argmax()) + 1 == corners  # harmonic h is column h - 1
+    # Turning a shape changes its thumbnail but hardly its outline descriptors.
+    for first in (0, 2, 4):
+        torch.testing.assert_close(descriptors[first], descriptors[first + 1], atol=0.15, rtol=0)
+    disc, ring = descriptors[6], descriptors[7]
+    assert harmonics[6].max() < 0.1  # a disc has no corners
+    assert ring[RADIAL_HARMONICS] > 2 * disc[RADIAL_HARMONICS]  # hollowness
+    assert disc[RADIAL_HARMONICS + 1] == pytest.approx(1.0, abs=0.1)  # fills its disc
+    assert ring[RADIAL_HARMONICS + 1] == pytest.approx(0.75, abs=0.1)  # 1 - (6 / 12)^2
+    assert (descriptors[8] == 0).all()
+    assert radial_shape_descriptors(torch.zeros(0, 8, 8)).shape == (0, RADIAL_HARMONICS + 2)
+    with pytest.raises(ValueError, match="num_harmonics"):
+        radial_shape_descriptors(maps, num_bins=8, num_harmonics=5)
