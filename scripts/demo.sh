@@ -13,8 +13,12 @@
 # 6. report    OUT_DIR/metrics.json: gIoU/cIoU beside chance (a random proposal) and oracle (the
 #              best proposal), per query type; OUT_DIR/vis/*.png
 #
-# Selection is argmax (each query has exactly one target, so the single best-scoring proposal
-# is the answer). Sizes can be overridden from the environment, e.g. the test suite's variant:
+# Every training picture comes with further queries about other objects in it, and each step
+# asks several of them about one picture (one [SEG] round each): the targets differ only by the
+# words, so the model must read them (with the same query phrased three ways instead, the
+# [SEG] embedding learnt to ignore the colour word). Selection is argmax (each query has
+# exactly one target, so the single best-scoring proposal is the answer). Sizes can be
+# overridden from the environment, e.g. the test suite's variant:
 #   DEMO_NUM_TRAIN=60 DEMO_NUM_VAL=30 DEMO_EPOCHS=1 DEMO_STEPS_PER_EPOCH=250 DEMO_BATCH_SIZE=4 \
 #     DEMO_WARMUP_STEPS=25 bash scripts/demo.sh out
 # A rerun starts over: the demo's own folders inside OUT_DIR are replaced.
@@ -31,10 +35,11 @@ NUM_TRAIN="${DEMO_NUM_TRAIN:-1500}"
 NUM_VAL="${DEMO_NUM_VAL:-100}"
 IMAGE_SIZE="${DEMO_IMAGE_SIZE:-128}"
 JOBS="${DEMO_JOBS:-2}"                        # parallel proposal processes
-EPOCHS="${DEMO_EPOCHS:-7}"
-STEPS_PER_EPOCH="${DEMO_STEPS_PER_EPOCH:-200}"
+EPOCHS="${DEMO_EPOCHS:-4}"
+STEPS_PER_EPOCH="${DEMO_STEPS_PER_EPOCH:-275}"
 BATCH_SIZE="${DEMO_BATCH_SIZE:-8}"            # images per optimizer step
-QUERIES_PER_IMAGE="${DEMO_QUERIES_PER_IMAGE:-3}"  # phrasings of an image's query per step
+EXTRA_QUERIES="${DEMO_EXTRA_QUERIES:-3}"      # further queries per training picture
+QUERIES_PER_IMAGE="${DEMO_QUERIES_PER_IMAGE:-4}"  # rounds per picture per step, each another query
 LR="${DEMO_LR:-2e-3}"
 WARMUP_STEPS="${DEMO_WARMUP_STEPS:-50}"
 TOP_K="${DEMO_TOP_K:-50}"                     # proposals the model chooses from
@@ -69,7 +74,8 @@ rm -rf "$DATASET" "$MASKS" "$OUT/checkpoints" "$OUT/train" "$OUT/eval" "$OUT/vis
 
 stage 1 generate "synthetic dataset: $NUM_TRAIN train / $NUM_VAL val images of ${IMAGE_SIZE}px"
 "$PYTHON" -m prepare_datasets.prepare_synthetic --out_dir "$DATASET" --seed "$SEED" \
-  --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --num_test 0 --image_size "$IMAGE_SIZE"
+  --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --num_test 0 --image_size "$IMAGE_SIZE" \
+  --extra_queries "$EXTRA_QUERIES"
 stage_done
 
 stage 2 proposals "weight-free mask proposals ($JOBS processes; progress of the first shown)"

@@ -52,6 +52,14 @@ def test_fast_demo_learns_and_writes_its_outputs(tmp_path):
     assert metrics["giou"] >= 2 * metrics["chance_giou"], metrics
     assert set(metrics["stage_seconds"]) == {"generate", "proposals", "model", "train", "evaluate"}
 
+    # Training pictures carry further queries about other objects (asked together in a step);
+    # the val split is scored on its main query only.
+    split_dir = out_dir / "dataset" / "reason_seg" / "ReasonSeg"
+    records = [json.loads(p.read_text()) for p in sorted((split_dir / "train").glob("*.json"))]
+    extras = [extra for record in records for extra in record.get("extra_queries", [])]
+    assert len(records) < len(extras) <= 3 * len(records)
+    assert all({"text", "is_sentence", "shapes"} <= set(extra) for extra in extras)
+
     pictures = sorted((out_dir / "vis").glob("*.png"))
     assert len(pictures) == 30
     assert pictures[0].stat().st_size > 1000
