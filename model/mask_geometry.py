@@ -28,8 +28,10 @@ For each proposal weight map ``w`` (``(M, M)`` in the padded-square image frame,
 The seven scalars are expanded into Fourier features (``sin``/``cos`` at ``F`` octaves, as
 positional encodings are: an MLP learns comparisons of positions and sizes far faster from them
 than from raw coordinates), and a two-layer MLP turns the ``7 * (1 + 2F) + G^2 + H + 2`` numbers
-into an ``E``-vector that is added to the pooled feature of the proposal, before the selection
-transformer (which can then compare proposals: "largest", "leftmost", "above the star").
+into an ``E``-vector; a linear map of the centred scalars is added to it (so "further left" and
+"larger" are directions of the embedding from the start), and the sum is added to the pooled
+feature of the proposal, before the selection transformer (which can then compare proposals:
+"largest", "leftmost", "above the star").
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from torch import nn
 NUM_SCALAR_DESCRIPTORS = 7  # sqrt(area), centroid (2), bounding box (4)
 RADIAL_BINS = 32  # directions of the radial outline profile
 RADIAL_HARMONICS = 8  # its angular harmonics kept (a hexagon needs the 6th)
+_MAX_PROFILE = 3.0  # radius over mean radius, clamped (a thin sliver would reach ~B / 2)
+_MAX_FILL = 2.0  # area over the mean-radius disc, clamped (about 1 for compact shapes)
 
 
 def fourier_features(values: torch.Tensor, num_octaves: int) -> torch.Tensor:
@@ -143,12 +147,14 @@ def radial_shape_descriptors(
         num_harmonics: ``H`` harmonics kept, ``H <= B // 2``.
     Returns:
         ``(K, H + 2)`` float32: ``4 * |harmonic h| / mean`` of the outer-radius profile for
-        ``h = 1..H`` (4x the cosine amplitude relative to the mean radius: about 1 for a
-        triangle's 3rd, 0.1 for a hexagon's 6th, 0 for a disc), then the mean inner over the mean
-        outer radius (about 0.5 for a ring, about 0.2 for a solid shape of 10-15 pixels: the
-        nearest pixel centre in a narrow direction is a pixel or two out), then the area over the
-        disc of the mean outer radius (about 1 for a disc, 0.7 for a ring). All zero for an empty
-        map.
+        ``h = 1..H`` (4x the cosine amplitude relative to the mean radius; at 28 pixels across,
+        about 1.2 for a triangle's 3rd, 0.7 for a square's 4th, 0.3 for a hexagon's 6th, 0 for a
+        disc; the radius over the mean is clamped to 3), then the mean inner over the mean outer
+        radius (about 0.5 for a ring; for solid shapes the nearest pixel centre in a narrow
+        direction is a pixel or two out: about 0.2 at 28 pixels across, 0.3 at 14), then the area
+        over the disc of the mean outer radius, clamped to 2 (about 1 for a disc, 0.7 for a
+        ring). Directions with no pixel are left out of both means and read as the mean radius.
+        All zero for an empty map.
     """
     if not 1 <= num_harmonics <= num_bins // 2:
         raise ValueError(f"need 1 <= num_harmonics <= num_bins // 2, got {num_harmonics}")
@@ -174,18 +180,27 @@ def radial_shape_descriptors(
     inner = radius.new_full((num, num_bins), far).scatter_reduce(
         1, bins, (radius - 1.0).clamp_min(0.0).masked_fill(~inside, far), "amin", include_self=True
     )
-    inner = inner.masked_fill(inner >= far, 0.0)
-    mean_outer = outer.mean(dim=1).clamp_min(1e-6)
-    profile = outer / mean_outer[:, None]
+    # Directions without a pixel (a tiny or thin map) are left out of the means and read as the
+    # mean radius, so they add no spurious corners; the clamps keep degenerate maps in range.
+    occupied = outer > 0
+    count = occupied.sum(dim=1).clamp_min(1)
+    mean_outer = (outer.sum(dim=1) / count).clamp_min(0.5)
+    profile = torch.where(occupied, outer / mean_outer[:, None], torch.ones_like(outer))
+    profile = profile.clamp(max=_MAX_PROFILE)
     harmonics = torch.fft.rfft(profile, dim=1).abs()[:, 1 : num_harmonics + 1] * (8.0 / num_bins)
-    hollowness = inner.mean(dim=1) / mean_outer
-    fill = mass / (math.pi * mean_outer.square())
+    mean_inner = inner.masked_fill(~occupied, 0.0).sum(dim=1) / count
+    hollowness = (mean_inner / mean_outer).clamp(0.0, 1.0)
+    fill = (mass / (math.pi * mean_outer.square())).clamp(max=_MAX_FILL)
     descriptors = torch.cat([harmonics, hollowness[:, None], fill[:, None]], dim=1)
     return torch.where((mass > 0)[:, None], descriptors, torch.zeros_like(descriptors))
 
 
 class MaskGeometryEmbedding(nn.Module):
-    """MLP over :func:`mask_geometry_descriptors`: ``(K, M, M)`` maps -> ``(K, E)`` embeddings.
+    """MLP over :func:`mask_geometry_descriptors` and :func:`radial_shape_descriptors`, plus a
+    linear map of the centred scalars: ``(K, M, M)`` maps -> ``(K, E)`` embeddings.
+
+    Its parameters changed on 2026-12-01 (outline inputs, ``linear.*``): weights trained with
+    ``--mask_geometry_embedding`` before then do not load into it.
 
     Args:
         embed_dim: ``E``, the scorer width.

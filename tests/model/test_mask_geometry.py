@@ -153,3 +153,17 @@ def test_radial_outline_names_the_corners_whatever_the_rotation():
     assert radial_shape_descriptors(torch.zeros(0, 8, 8)).shape == (0, RADIAL_HARMONICS + 2)
     with pytest.raises(ValueError, match="num_harmonics"):
         radial_shape_descriptors(maps, num_bins=8, num_harmonics=5)
+
+
+def test_radial_outline_of_tiny_and_thin_maps_stays_in_range():
+    dot, line = torch.zeros(64, 64), torch.zeros(64, 64)
+    dot[10, 10] = 1.0
+    line[20, 5:40] = 1.0  # most directions from its centroid hold no pixel
+    descriptors = radial_shape_descriptors(torch.stack([dot, line]))
+    harmonics = descriptors[:, :RADIAL_HARMONICS]
+    assert harmonics.abs().max() < 0.1  # empty directions read as the mean: no spurious corners
+    assert (
+        0 <= descriptors[:, RADIAL_HARMONICS].min() <= descriptors[:, RADIAL_HARMONICS].max() <= 1
+    )
+    assert descriptors[0, RADIAL_HARMONICS + 1] <= 2.0  # one pixel: fill clamped, not 1300
+    assert descriptors[1, RADIAL_HARMONICS + 1] < 0.1  # a line fills little of its disc
