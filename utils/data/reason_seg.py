@@ -75,13 +75,26 @@ def _query_masks(shapes_per_round: list[list[dict]], height: int, width: int) ->
     return np.stack([labelme_to_mask(shapes, height, width) for shapes in shapes_per_round])
 
 
+def _is_point_list(points) -> bool:
+    return isinstance(points, list) and all(
+        isinstance(point, list)
+        and len(point) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)
+        for point in points
+    )
+
+
 def _parse_query(data: dict, where: str) -> ReasonSegQuery:
     """The ``text``/``is_sentence``/``shapes`` of one query object, validated (``where`` names it
     in errors, e.g. ``a.json: extra_queries[2]``)."""
     texts = data.get("text")
     if isinstance(texts, str):
         texts = [texts]
-    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+    if (
+        not isinstance(texts, list)
+        or not texts
+        or not all(isinstance(t, str) and t.strip() for t in texts)
+    ):
         raise DatasetFormatError(f"{where}: field 'text' must be a non-empty list of strings")
     shapes = data.get("shapes")
     if not isinstance(shapes, list) or not shapes:
@@ -89,6 +102,10 @@ def _parse_query(data: dict, where: str) -> ReasonSegQuery:
     for index, shape in enumerate(shapes):
         if not isinstance(shape, dict) or "points" not in shape or "label" not in shape:
             raise DatasetFormatError(f"{where}: shapes[{index}] needs 'label' and 'points'")
+        if not _is_point_list(shape["points"]):
+            raise DatasetFormatError(
+                f"{where}: shapes[{index}].points must be a list of [x, y] number pairs"
+            )
     if "is_sentence" not in data:
         raise DatasetFormatError(f"{where}: field 'is_sentence' is missing")
     return ReasonSegQuery(list(texts), bool(data["is_sentence"]), shapes)
@@ -181,8 +198,9 @@ def reason_seg_train_record(
     """A training sample of up to ``num_queries`` conversations (rounds) about the image.
 
     Without ``extra_queries``: that many of the query's phrasings, one per conversation, all with
-    the same target. With them: that many *different* queries (the main one among them), one
-    random phrasing each, every conversation with its own query's target.
+    the same target. With them: that many *different* queries drawn from the main one and the
+    extras (the main one is not always among them), one random phrasing each, every
+    conversation with its own query's target.
     """
     if not item.extra_queries:
         texts = rng.sample(item.texts, min(num_queries, len(item.texts)))

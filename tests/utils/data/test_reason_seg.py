@@ -146,6 +146,16 @@ def test_extra_queries_give_each_round_its_own_target(dataset, encoder, tmp_path
         DatasetFormatError, match=r"img_000\.json: extra_queries\[1\]: field 'shapes'"
     ):
         load_reason_seg_split(tmp_path, None, "train")
+    bad_points = {**blue, "shapes": [{"label": "target", "points": 3}]}
+    for extra, message in (
+        ({**blue, "text": 5}, r"extra_queries\[0\]: field 'text' must be a non-empty list"),
+        ({**blue, "text": {"a": 1}}, r"extra_queries\[0\]: field 'text' must be a non-empty list"),
+        (bad_points, r"extra_queries\[0\]: shapes\[0\]\.points must be a list of \[x, y\]"),
+    ):
+        record["extra_queries"] = [extra]
+        (folder / "img_000.json").write_text(json.dumps(record))
+        with pytest.raises(DatasetFormatError, match=r"img_000\.json: " + message):
+            load_reason_seg_split(tmp_path, None, "train")
     record["extra_queries"] = {"text": "x"}
     (folder / "img_000.json").write_text(json.dumps(record))
     with pytest.raises(DatasetFormatError, match=r"field 'extra_queries' must be a list"):
