@@ -45,7 +45,7 @@ class DatasetFormatError(ValueError):
 
 @dataclass
 class ReasonSegQuery:
-    """A further query about an item's picture (an ``extra_queries`` entry)."""
+    """One query about a picture: a json's main query or one of its ``extra_queries``."""
 
     texts: list[str]
     is_sentence: bool
