@@ -7,7 +7,6 @@ loaders look them up), and ground-truth masks at the original image resolution f
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from collections.abc import Iterable
@@ -19,6 +18,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from prepare_datasets.runner import ImageItem
+from utils.text_files import load_dataset_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -59,13 +59,13 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def load_json(path: str | os.PathLike, what: str):
-    """Parse a JSON file, with errors that name it."""
-    path = require_file(path, what)
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON ({error})") from None
+    """Parse a released JSON file (UTF-8, or cp1252 as some releases are), errors naming it.
+
+    Raises:
+        FileNotFoundError: no such file (``what`` says what it should hold).
+        DatasetFormatError: not UTF-8/cp1252 text, or invalid JSON.
+    """
+    return load_dataset_json(require_file(path, what))
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -94,17 +94,31 @@ def coco_images(instances: dict, source: str) -> dict[int, dict]:
 
 
 def annotation_mask(annotation: dict, height: int, width: int) -> np.ndarray:
-    """``(H, W)`` uint8 mask of a COCO annotation (polygons, RLE or uncompressed RLE)."""
+    """``(H, W)`` uint8 {0, 1} mask of a COCO annotation's ``segmentation``.
+
+    Accepts what the released files hold: a list of polygons (COCO), one RLE dict (compressed
+    ``counts`` as str or bytes, or uncompressed as a list), or a *list of RLE dicts* (refCLEF's
+    ``instances.json``; the refer API decodes each and sums them, here they are merged as a
+    union so overlaps stay 1).
+    """
     segmentation = annotation.get("segmentation")
     if not segmentation:
         return np.zeros((height, width), np.uint8)
-    if isinstance(segmentation, list):
-        rles = mask_utils.frPyObjects(segmentation, height, width)
-        rle = mask_utils.merge(rles)
-    elif isinstance(segmentation.get("counts"), list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
+    if isinstance(segmentation, dict):
+        return _decode_rle(segmentation, height, width)
+    if all(isinstance(part, dict) for part in segmentation):
+        return np.maximum.reduce([_decode_rle(part, height, width) for part in segmentation])
+    rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    return mask_utils.decode(rle).astype(np.uint8)
+
+
+def _decode_rle(rle: dict, height: int, width: int) -> np.ndarray:
+    """``(H, W)`` uint8 mask of one COCO RLE dict (compressed str/bytes or uncompressed list)."""
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        rle = mask_utils.frPyObjects(rle, height, width)
+    elif isinstance(counts, str):
+        rle = {"size": rle["size"], "counts": counts.encode("ascii")}
     return mask_utils.decode(rle).astype(np.uint8)
 
 

@@ -51,9 +51,10 @@ def decode_rles(rle_counts: list[bytes], height: int, width: int) -> np.ndarray:
 def labelme_to_mask(shapes: list[dict], height: int, width: int) -> np.ndarray:
     """Rasterise ReasonSeg's labelme ``shapes`` to an ``(H, W)`` uint8 label map.
 
-    As ReasonSeg's ``get_mask_from_json``: ``flag`` shapes are skipped; polygons are drawn from the
-    largest filled area to the smallest, so smaller polygons overwrite larger ones; a label
-    containing "ignore" draws 255, anything else draws 1 (target); background is 0. Each polygon
+    As ReasonSeg's ``get_mask_from_json``: labels compare lower-cased; ``flag`` shapes are
+    skipped; polygons are drawn from the largest filled area to the smallest, so smaller polygons
+    overwrite larger ones; a label containing "ignore" draws 255, anything else draws 1 (target);
+    background is 0; no shapes give an all-background map. Each polygon
     is drawn filled plus its 1-pixel outline; points are truncated to int32.
 
     Args:
@@ -62,7 +63,7 @@ def labelme_to_mask(shapes: list[dict], height: int, width: int) -> np.ndarray:
     """
     polygons = []
     for index, shape in enumerate(shapes):
-        label = str(shape.get("label", ""))
+        label = str(shape.get("label", "")).lower()
         if label == "flag":
             continue
         if "points" not in shape:

@@ -191,7 +191,10 @@ def build_train_dataset(config, encoder: SampleEncoder, length: int) -> MixedTra
                 f"unknown training family {name!r}; expected one of {sorted(TRAIN_SOURCES)}"
             )
         if weight > 0:
-            sources.append((TRAIN_SOURCES[name](config), weight))
+            source = TRAIN_SOURCES[name](config)
+            if hasattr(source, "report_lengths"):
+                source.report_lengths(encoder)
+            sources.append((source, weight))
     return MixedTrainingDataset(sources, encoder, length, seed=config.seed)
 
 

@@ -7,7 +7,8 @@ index (into its name list) or 255 (ignore), with the rules of LISA / LLM-Seg:
   every value shifts down by one, so PNG value 1 is ``wall``.
 - COCO-Stuff (``cocostuff_classes.json``, 182 names, index = PNG value of the
   ``stuffthingmaps`` PNGs, 255 = unlabelled): every class whose name contains ``-`` (the
-  ``*-other``/``*-stuff``/material classes such as ``wall-brick``) -> 255.
+  ``*-other``/``*-stuff``/material classes such as ``wall-brick``) -> 255. Index 156 is named
+  ``sky`` as in upstream's list (COCO-Stuff's own name is ``sky-other``), so sky is kept.
 - Mapillary Vistas v2.0: names are the lower-cased ``readable`` fields of ``config_v2.0.json``.
   Labels named ``*unlabeled`` -> 255 (upstream asks for "the unlabeled" as a class; we don't).
 
@@ -24,6 +25,8 @@ import random
 from pathlib import Path
 
 import numpy as np
+
+from utils.text_files import DatasetFormatError, load_dataset_json
 
 IGNORE_LABEL = 255
 _DATA_DIR = Path(__file__).resolve().parent
@@ -68,11 +71,13 @@ def mapillary_classes(config_path: str | os.PathLike) -> tuple[list[str], np.nda
     """
     path = Path(config_path)
     try:
-        labels = json.loads(path.read_text())["labels"]
+        labels = load_dataset_json(path)["labels"]
         names = [str(label["readable"]).lower() for label in labels]
         ignored = {i for i, label in enumerate(labels) if "unlabeled" in str(label.get("name"))}
+    except FileNotFoundError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(
+        raise DatasetFormatError(
             f"{path}: not a Mapillary config with labels[].readable ({error!r})"
         ) from None
     if len(names) > IGNORE_LABEL:

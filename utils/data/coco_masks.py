@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from prepare_datasets.annotations import annotation_mask
-from utils.data.reason_seg import DatasetFormatError
+from utils.text_files import DatasetFormatError
 
 
 def _check_size(source, ann_size: tuple[int, int], height: int, width: int) -> None:
@@ -31,11 +31,17 @@ def annotation_masks(
 ) -> np.ndarray:
     """``(R, H, W)`` uint8 {0, 1} masks of COCO ``segmentation`` fields annotated at ``ann_size``.
 
-    Polygons of one annotation are merged (union, not upstream's sum, which could give 2 where
-    polygons overlap); an empty segmentation gives an empty mask.
+    Polygons (or refCLEF's list of RLEs) of one annotation are merged (union, not upstream's
+    sum, which could give 2 where they overlap); an empty segmentation gives an empty mask.
     """
     _check_size(source, ann_size, height, width)
-    return np.stack([annotation_mask({"segmentation": s}, height, width) for s in segmentations])
+    try:
+        masks = [annotation_mask({"segmentation": s}, height, width) for s in segmentations]
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise DatasetFormatError(
+            f"{source}: a segmentation is neither polygons nor COCO RLE ({error!r})"
+        ) from None
+    return np.stack(masks)
 
 
 def rle_mask(rle: dict | list, source) -> np.ndarray:

@@ -98,12 +98,14 @@ class EncodedConversation:
         labels: ``(L,)`` ids on answer tokens, ``-100`` elsewhere.
         num_seg: how many ``[SEG]`` tokens it holds (= target rows it needs).
         text: the rendered prompt before image expansion (for logs and visualisations).
+        num_turns: how many ``(question, answer)`` turns it holds.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     num_seg: int
     text: str
+    num_turns: int = 1
 
 
 def render(turns: list[tuple[str, str | None]], fmt: ConversationFormat) -> tuple[str, list]:
@@ -164,4 +166,5 @@ def encode_conversation(
         if end > start and any(start < a_end and end > a_start for a_start, a_end in spans):
             labels[i] = input_ids[i]
     seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
-    return EncodedConversation(input_ids, labels, int((input_ids == seg_id).sum()), text)
+    num_seg = int((input_ids == seg_id).sum())
+    return EncodedConversation(input_ids, labels, num_seg, text, len(turns))

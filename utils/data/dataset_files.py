@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from prepare_datasets.annotations import oriented_size
-from utils.data.reason_seg import DatasetFormatError
 from utils.proposal_store import ProposalReader
+from utils.text_files import DatasetFormatError
 
 logger = logging.getLogger(__name__)
 

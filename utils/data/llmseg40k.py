@@ -11,7 +11,9 @@ name::
 
 Both target keys are accepted in every split (upstream's train files carry ``rle_seg`` and its
 validation files ``segmentation_path``). A PNG's nonzero pixels are the target; a relative
-``segmentation_path`` is looked up next to the json first, then under ``--dataset_dir``.
+``segmentation_path`` is looked up next to the json first, then under ``--dataset_dir``; a path
+that is not found there (the release holds the authors' absolute paths) falls back to its file
+name beside the json.
 ``answer`` is not used (the model answers ``[SEG]``), as upstream. Images:
 ``<dataset_dir>/coco/train2017/<name>`` or ``<dataset_dir>/ego_objects/images/<name>``;
 proposals: ``<sam_masks_dir>/coco2017`` or ``<sam_masks_dir>/ego_objects`` (keys = file names).
@@ -53,9 +55,9 @@ from utils.data.dataset_files import (
     keep_available,
     open_proposal_store,
 )
-from utils.data.reason_seg import DatasetFormatError
 from utils.data.samples import SegmentationRecord
 from utils.proposal_store import ProposalReader
+from utils.text_files import DatasetFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +137,21 @@ def _target(qa: dict, json_path: Path, dataset_dir: Path, source: str):
             raise DatasetFormatError(f"{source}: rle_seg must be a COCO RLE with size and counts")
         return rle
     if isinstance(qa.get("segmentation_path"), str):
-        path = Path(qa["segmentation_path"])
-        if path.is_absolute():
-            return path
-        beside = json_path.parent / path
-        return beside if beside.is_file() else dataset_dir / path
+        return _mask_png_path(Path(qa["segmentation_path"]), json_path, dataset_dir)
     raise DatasetFormatError(f"{source}: needs 'rle_seg' or 'segmentation_path'")
+
+
+def _mask_png_path(path: Path, json_path: Path, dataset_dir: Path) -> Path:
+    """Where a ``segmentation_path`` is on this machine.
+
+    Tried in order: the path itself when absolute, else beside the split's json, else under
+    ``--dataset_dir``; then the file *name* beside the json (the released files hold the
+    authors' absolute paths, e.g. ``/mnt/data/.../masks/x.png``). When none exists the first
+    candidate is returned, so the missing-file report names the path as written.
+    """
+    candidates = [path] if path.is_absolute() else [json_path.parent / path, dataset_dir / path]
+    candidates.append(json_path.parent / path.name)
+    return next((c for c in candidates if c.is_file()), candidates[0])
 
 
 def parse_llmseg40k(json_path: Path, dataset_dir: Path) -> list[LLMSeg40KQuestion]:

@@ -10,6 +10,12 @@ have different targets); evaluation reads the main query only. Splits may be joi
 (``train_val``). Proposals come from ``<sam_masks_dir>/reason_seg/ReasonSeg/<split>/``, keyed by
 the image file name.
 
+Files are read as released: UTF-8, or cp1252 where the release has it (as upstream's reader
+falls back). Shape labels compare lower-cased as upstream (``Flag`` is skipped, ``IGNORE`` is an
+ignore region). A json with no target polygon (an empty ``shapes``, as a few released files
+have, or only ``flag``/``ignore`` shapes) is kept, as upstream keeps it: its target is empty, and
+the split's jsons of that kind are counted and named in one warning when the split is loaded.
+
 Behaviour on bad input: every json is parsed when the dataset is built, so a malformed or missing
 json stops the run at once with the file named (before hours of training, not in the middle).
 """
@@ -17,7 +23,7 @@ json stops the run at once with the file named (before hours of training, not in
 from __future__ import annotations
 
 import functools
-import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +41,12 @@ from utils.data.conversation import (
 from utils.data.samples import SegmentationRecord
 from utils.masks import labelme_to_mask
 from utils.proposal_store import ProposalReader
+from utils.text_files import DatasetFormatError, load_dataset_json
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-class DatasetFormatError(ValueError):
-    """A dataset file that does not have the expected format; the message names it."""
+NUM_EXAMPLES = 5
 
 
 @dataclass
@@ -97,8 +103,8 @@ def _parse_query(data: dict, where: str) -> ReasonSegQuery:
     ):
         raise DatasetFormatError(f"{where}: field 'text' must be a non-empty list of strings")
     shapes = data.get("shapes")
-    if not isinstance(shapes, list) or not shapes:
-        raise DatasetFormatError(f"{where}: field 'shapes' must be a non-empty list of polygons")
+    if not isinstance(shapes, list):
+        raise DatasetFormatError(f"{where}: field 'shapes' must be a list of polygons")
     for index, shape in enumerate(shapes):
         if not isinstance(shape, dict) or "points" not in shape or "label" not in shape:
             raise DatasetFormatError(f"{where}: shapes[{index}] needs 'label' and 'points'")
@@ -113,10 +119,7 @@ def _parse_query(data: dict, where: str) -> ReasonSegQuery:
 
 def parse_reason_seg_json(path: Path) -> tuple[ReasonSegQuery, list[ReasonSegQuery], dict]:
     """``(main_query, extra_queries, other_fields)`` of one ReasonSeg json, validated."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetFormatError(f"{path}: not a readable json file ({error})") from None
+    data = load_dataset_json(path)
     if not isinstance(data, dict):
         raise DatasetFormatError(f"{path}: expected a json object, found {type(data).__name__}")
     main_query = _parse_query(data, str(path))
@@ -135,6 +138,23 @@ def parse_reason_seg_json(path: Path) -> tuple[ReasonSegQuery, list[ReasonSegQue
     return main_query, extra_queries, other
 
 
+def has_target_polygon(shapes: list[dict]) -> bool:
+    """Whether any shape is a target (its label, lower-cased, is not ``flag`` and holds no
+    ``ignore``), i.e. whether the rasterised target can be non-empty."""
+    labels = (str(shape.get("label", "")).lower() for shape in shapes)
+    return any(label != "flag" and "ignore" not in label for label in labels)
+
+
+def _report_empty_targets(split: str, items: list[ReasonSegItem], total: int) -> None:
+    empty = [item.image_path.with_suffix(".json").name for item in items]
+    if empty:
+        shown = ", ".join(empty[:NUM_EXAMPLES]) + (", ..." if len(empty) > NUM_EXAMPLES else "")
+        logger.warning(
+            "ReasonSeg|%s: %d of %d jsons have no target polygon; their target is empty: %s",
+            split, len(empty), total, shown,
+        )  # fmt: skip
+
+
 def load_reason_seg_split(dataset_dir: str | Path, sam_masks_dir: str | Path | None, splits: str):
     """Parse every image of ``splits`` (e.g. ``train`` or ``train_val``) into items.
 
@@ -142,6 +162,7 @@ def load_reason_seg_split(dataset_dir: str | Path, sam_masks_dir: str | Path | N
     """
     items = []
     for split in splits.split("_"):
+        first = len(items)
         folder = Path(dataset_dir) / "reason_seg" / "ReasonSeg" / split
         if not folder.is_dir():
             raise FileNotFoundError(f"ReasonSeg split folder {folder} does not exist")
@@ -167,6 +188,9 @@ def load_reason_seg_split(dataset_dir: str | Path, sam_masks_dir: str | Path | N
                     extra_queries,
                 )
             )
+        split_items = items[first:]
+        without_target = [item for item in split_items if not has_target_polygon(item.shapes)]
+        _report_empty_targets(split, without_target, len(split_items))
     return items
 
 

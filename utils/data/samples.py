@@ -18,6 +18,7 @@ import torch
 
 from model.features import preprocess_for_dinov2
 from model.inputs import LLMSegBatch
+from model.tokenizer import SEG_TOKEN
 from utils.data.conversation import (
     IGNORE_INDEX,
     ConversationFormat,
@@ -104,9 +105,12 @@ class EncoderSettings:
 class SampleEncoder:
     """Turns :class:`SegmentationRecord` s into :class:`EncodedSample` s.
 
-    Conversations longer than ``model_max_length`` are dropped whole with their masks (never
-    truncated); ``num_dropped`` counts them. A record whose conversations are all dropped
-    returns ``None``.
+    A conversation longer than ``model_max_length`` that holds ``[SEG]`` is dropped whole with
+    its masks (never truncated: a cut could lose a ``[SEG]`` and misalign the targets). A
+    text-only dialogue (VQA) is cut at the last turn boundary that fits instead, as that keeps
+    more of the data than dropping it (upstream cuts at a token, mid-answer); it is dropped only
+    when its first turn alone is too long. ``num_dropped`` and ``num_truncated`` count them. A
+    record whose conversations are all dropped returns ``None``.
     """
 
     def __init__(self, tokenizer, fmt: ConversationFormat, settings: EncoderSettings):
@@ -114,6 +118,31 @@ class SampleEncoder:
         self.fmt = fmt
         self.settings = settings
         self.num_dropped = 0
+        self.num_truncated = 0
+
+    def _encode(self, turns: Turns) -> EncodedConversation:
+        return encode_conversation(
+            self.tokenizer,
+            turns,
+            self.settings.num_image_tokens,
+            self.fmt,
+            self.settings.use_im_start_end,
+            self.settings.model_max_length,
+        )
+
+    def encode_text_dialogue(self, turns: Turns) -> EncodedConversation:
+        """The longest leading run of ``turns`` (whole turns) that fits ``model_max_length``.
+
+        Raises:
+            SequenceTooLong: not even the first turn fits.
+        """
+        for count in range(len(turns), 0, -1):
+            try:
+                return self._encode(turns[:count])
+            except SequenceTooLong:
+                if count == 1:
+                    raise
+        raise ValueError("a dialogue needs at least one turn")
 
     def _encode_conversations(
         self, record: SegmentationRecord
@@ -121,15 +150,13 @@ class SampleEncoder:
         """Encoded conversations and, for each kept one, the mask rows it owns."""
         kept, rows, next_row = [], [], 0
         for turns in record.conversations:
+            text_only = not any(answer and SEG_TOKEN in answer for _, answer in turns)
             try:
-                encoded = encode_conversation(
-                    self.tokenizer,
-                    turns,
-                    self.settings.num_image_tokens,
-                    self.fmt,
-                    self.settings.use_im_start_end,
-                    self.settings.model_max_length,
-                )
+                if text_only:
+                    encoded = self.encode_text_dialogue(turns)
+                    self.num_truncated += encoded.num_turns < len(turns)
+                else:
+                    encoded = self._encode(turns)
             except SequenceTooLong as error:
                 self.num_dropped += 1
                 logger.info("dropping a conversation of %s: %s", record.image_path, error)

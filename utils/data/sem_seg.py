@@ -59,9 +59,9 @@ from utils.data.dataset_files import (
     keep_available,
     open_proposal_store,
 )
-from utils.data.reason_seg import DatasetFormatError
 from utils.data.samples import SegmentationRecord
 from utils.proposal_store import ProposalReader
+from utils.text_files import DatasetFormatError
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,11 @@ the active conversation template: the ``<image>`` token is moved to the start of
 question (as LLaVA's ``preprocess_multimodal``), a leading assistant message and a trailing
 unanswered question are dropped. There is no ``[SEG]``, so records carry no masks and no
 proposals, and the model gives these rows only the language-model loss (upstream's VQA rows
-crash its mask loss instead). A dialogue longer than ``--model_max_length`` is dropped whole and
-counted by the sample encoder, never cut.
+crash its mask loss instead). A dialogue longer than ``--model_max_length`` is cut at the last
+turn boundary that fits (never inside an answer) and dropped only when its first turn alone is
+too long (:class:`~utils.data.samples.SampleEncoder`). At start-up
+:meth:`VQASource.report_lengths` logs which share of the dialogues is kept whole, cut or dropped
+(on a fixed sample of up to 1000 for the 150k set).
 
 Behaviour on bad input: a missing or malformed json (not a list, an entry without ``image`` or
 ``conversations``, roles that do not alternate, a ``[SEG]`` in the text) stops the run when the
@@ -25,13 +28,15 @@ from pathlib import Path
 
 from model.tokenizer import IMAGE_TOKEN, SEG_TOKEN
 from prepare_datasets.annotations import load_json
+from utils.data.conversation import SequenceTooLong
 from utils.data.dataset_files import keep_available
-from utils.data.reason_seg import DatasetFormatError
 from utils.data.samples import SegmentationRecord
+from utils.text_files import DatasetFormatError
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("human", "gpt")
+REPORT_SAMPLE_SIZE = 1000
 
 
 @dataclass
@@ -125,3 +130,32 @@ class VQASource:
 
     def sample_record(self, rng: random.Random) -> SegmentationRecord:
         return vqa_record(self.items[rng.randrange(len(self.items))], self.dataset)
+
+    def report_lengths(self, encoder, sample_size: int = REPORT_SAMPLE_SIZE) -> dict[str, int]:
+        """Tokenise up to ``sample_size`` dialogues (a fixed sample) with ``encoder`` and log how
+        many fit whole, are cut at a turn boundary, or are dropped (first turn too long).
+
+        Returns:
+            ``{"checked", "whole", "truncated", "dropped"}`` counts.
+        """
+        items = self.items
+        if len(items) > sample_size:
+            items = random.Random(0).sample(items, sample_size)
+        counts = {"checked": len(items), "whole": 0, "truncated": 0, "dropped": 0}
+        for item in items:
+            try:
+                encoded = encoder.encode_text_dialogue(item.turns)
+            except SequenceTooLong:
+                counts["dropped"] += 1
+                continue
+            counts["whole" if encoded.num_turns == len(item.turns) else "truncated"] += 1
+        checked = max(counts["checked"], 1)
+        logger.info(
+            "%s: of %d dialogues%s, %.1f%% fit --model_max_length whole, %.1f%% are cut at a "
+            "turn boundary, %.1f%% are dropped (first turn too long)",
+            self.dataset, counts["checked"],
+            f" (a sample of {len(self.items)})" if len(items) < len(self.items) else "",
+            100 * counts["whole"] / checked, 100 * counts["truncated"] / checked,
+            100 * counts["dropped"] / checked,
+        )  # fmt: skip
+        return counts

@@ -17,7 +17,7 @@ from utils.data.conversation import (
     VALIDATION_LONG_QUESTION,
 )
 from utils.data.llmseg40k import LLMSeg40KSource, load_llmseg40k_split, split_file
-from utils.data.reason_seg import DatasetFormatError
+from utils.text_files import DatasetFormatError
 
 
 @pytest.fixture

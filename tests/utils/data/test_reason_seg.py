@@ -18,12 +18,12 @@ from utils.data.mixing import (
     parse_mixture,
 )
 from utils.data.reason_seg import (
-    DatasetFormatError,
     ReasonSegSource,
     load_reason_seg_split,
     reason_seg_eval_record,
 )
 from utils.data.samples import SampleEncoder, collate
+from utils.text_files import DatasetFormatError
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_malformed_json_names_the_file(dataset, tmp_path):
     src = dataset[0] / "reason_seg" / "ReasonSeg" / "val"
     (folder / "img_000.jpg").write_bytes((src / "img_000.jpg").read_bytes())
     (folder / "img_000.json").write_text('{"text": ["x"], "shapes": [')
-    with pytest.raises(DatasetFormatError, match=r"img_000\.json: not a readable json"):
+    with pytest.raises(DatasetFormatError, match=r"img_000\.json: invalid JSON"):
         load_reason_seg_split(tmp_path, dataset[1], "val")
     (folder / "img_000.json").write_text(json.dumps({"text": [], "shapes": [], "is_sentence": 0}))
     with pytest.raises(DatasetFormatError, match=r"img_000\.json: field 'text'"):

@@ -20,13 +20,13 @@ from tests.utils.data.loader_fixtures import (
 from tests.utils.data.test_sem_seg import asked_name
 from utils.data.builders import eval_records
 from utils.data.conversation import VALIDATION_ANSWER, VALIDATION_SHORT_QUESTION
-from utils.data.reason_seg import DatasetFormatError
 from utils.data.refer_seg import (
     ReferSegSource,
     load_refer_split,
     load_refer_train,
     refer_root,
 )
+from utils.text_files import DatasetFormatError
 
 
 @pytest.fixture

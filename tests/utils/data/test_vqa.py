@@ -10,9 +10,10 @@ import torch
 from tests.data_fixtures import write_reason_seg
 from tests.utils.data.loader_fixtures import write_vqa
 from utils.data.conversation import IGNORE_INDEX
-from utils.data.reason_seg import DatasetFormatError, load_reason_seg_split, reason_seg_train_record
+from utils.data.reason_seg import load_reason_seg_split, reason_seg_train_record
 from utils.data.samples import collate
 from utils.data.vqa import VQASource, load_vqa, vqa_record, vqa_turns
+from utils.text_files import DatasetFormatError
 
 
 def test_dialogues_in_the_active_template(tmp_path):
