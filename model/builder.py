@@ -21,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 
 from model.dinov2 import DINOV2_ARCHS, load_dinov2
 from model.features import DEFAULT_DINO_IMAGE_SIZE, DinoFeatureExtractor
+from model.legacy_tokenizer import TOKENIZATIONS
 from model.llava_checkpoint import load_llava
 from model.llm_seg import LLMSegModel
 from model.losses import LossConfig
@@ -74,6 +75,13 @@ class LLMSegConfig:
                   "pooled proposal features; not in the paper (see model/mask_geometry.py)"},
     )  # fmt: skip
     model_max_length: int = field(default=512, metadata={"help": "tokenizer length limit"})
+    tokenization: str = field(
+        default="auto",
+        metadata={"help": "prompt tokenization: llava_legacy (upstream's slow LLaMA tokenizer, "
+                  "token for token), hf (transformers), auto (llava_legacy when the tokenizer "
+                  "folder has a sentencepiece tokenizer.model)",
+                  "choices": ["auto", *TOKENIZATIONS]},
+    )  # fmt: skip
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (0 disables LoRA)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.legacy_tokenizer import resolve_tokenization
 from utils.data.conversation import conversation_format
 from utils.data.images import clip_image_processor
 from utils.data.llmseg40k import LLMSeg40KSource, llmseg40k_eval_record, load_llmseg40k_split
@@ -75,7 +76,8 @@ def build_encoder(config, tokenizer, num_image_tokens: int) -> SampleEncoder:
     """The sample encoder for a model with ``num_image_tokens`` and a tokenizer.
 
     ``config`` carries the :class:`DataConfig` fields plus the model's ``vision_tower``,
-    ``dino_image_size``, ``proposal_map_size`` and ``model_max_length``.
+    ``dino_image_size``, ``proposal_map_size``, ``model_max_length`` and ``tokenization``
+    (``auto`` when absent: see :func:`~model.legacy_tokenizer.resolve_tokenization`).
     """
     settings = EncoderSettings(
         num_image_tokens=num_image_tokens,
@@ -87,6 +89,7 @@ def build_encoder(config, tokenizer, num_image_tokens: int) -> SampleEncoder:
         antialias=config.antialias,
         use_im_start_end="<im_start>" in tokenizer.get_vocab(),
         model_max_length=config.model_max_length,
+        tokenization=resolve_tokenization(getattr(config, "tokenization", "auto"), tokenizer),
     )
     return SampleEncoder(tokenizer, conversation_format(config.conv_type), settings)
 

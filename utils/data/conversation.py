@@ -9,6 +9,10 @@ The single ``<image>`` in the first question is expanded to ``num_image_tokens``
 ``[SEG]`` positions from the ids alone. Labels are ``-100`` everywhere except the assistant answers
 and their ``</s>``. A conversation longer than ``max_length`` is never truncated (that could cut a
 ``[SEG]`` and misalign the targets): :class:`SequenceTooLong` is raised and the caller drops it.
+
+Two tokenizations (the checkpoint's ``tokenization`` setting): ``hf`` tokenises the rendered text
+with the ``transformers`` tokenizer; ``llava_legacy`` reproduces upstream's slow LLaMA tokenizer
+token for token (:mod:`model.legacy_tokenizer`), which checkpoints trained upstream need.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.legacy_tokenizer import LegacyLlamaTokenizer
 from model.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 
 IGNORE_INDEX = -100
@@ -139,6 +144,7 @@ def encode_conversation(
     fmt: ConversationFormat = CONVERSATION_FORMATS["llava_v1"],
     use_im_start_end: bool = True,
     max_length: int | None = None,
+    legacy: LegacyLlamaTokenizer | None = None,
 ) -> EncodedConversation:
     """Tokenise a conversation about one image, labelling only the answers.
 
@@ -149,22 +155,65 @@ def encode_conversation(
         fmt: the conversation format.
         use_im_start_end: wrap the image in ``<im_start>``/``<im_end>`` (LLaVA-v1 checkpoints).
         max_length: raise :class:`SequenceTooLong` beyond this many tokens.
+        legacy: tokenise as upstream's slow LLaMA tokenizer did (``tokenization:
+            llava_legacy``) instead of with ``tokenizer`` itself (``hf``).
     """
     text, spans = render(turns, fmt)
     if text.count(IMAGE_TOKEN) != 1:
         raise ValueError(f"a conversation needs exactly one {IMAGE_TOKEN}, got: {text!r}")
+    if legacy is not None:
+        input_ids, labels = _encode_legacy(
+            legacy, text, spans, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), num_image_tokens,
+            use_im_start_end,
+        )  # fmt: skip
+        return _finish(tokenizer, input_ids, labels, text, len(turns), max_length)
     expanded = text.replace(IMAGE_TOKEN, image_placeholder(num_image_tokens, use_im_start_end))
     shift = len(expanded) - len(text)
     image_at = text.index(IMAGE_TOKEN)
     spans = [(s + shift, e + shift) if s > image_at else (s, e) for s, e in spans]
     encoded = tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=True)
     input_ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
-    if max_length is not None and len(input_ids) > max_length:
-        raise SequenceTooLong(f"{len(input_ids)} tokens > max_length {max_length}")
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for i, (start, end) in enumerate(encoded["offset_mapping"]):
         if end > start and any(start < a_end and end > a_start for a_start, a_end in spans):
             labels[i] = input_ids[i]
-    seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
-    num_seg = int((input_ids == seg_id).sum())
-    return EncodedConversation(input_ids, labels, num_seg, text, len(turns))
+    return _finish(tokenizer, input_ids, labels, text, len(turns), max_length)
+
+
+def _finish(tokenizer, input_ids, labels, text, num_turns, max_length) -> EncodedConversation:
+    if max_length is not None and len(input_ids) > max_length:
+        raise SequenceTooLong(f"{len(input_ids)} tokens > max_length {max_length}")
+    num_seg = int((input_ids == tokenizer.convert_tokens_to_ids(SEG_TOKEN)).sum())
+    return EncodedConversation(input_ids, labels, num_seg, text, num_turns)
+
+
+def _encode_legacy(
+    legacy: LegacyLlamaTokenizer,
+    text: str,
+    answer_spans: list[tuple[int, int]],
+    image_token_id: int,
+    num_image_tokens: int,
+    use_im_start_end: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)`` as upstream's slow tokenizer and ``tokenizer_image_token`` give.
+
+    A token is labelled when its characters overlap an answer (with its ``</s>``); a token of
+    no characters (the dummy ``▁`` sentencepiece puts before each piece, a byte-fallback byte)
+    when it stands inside one, which is what upstream's round-length arithmetic labels.
+    """
+    if use_im_start_end:
+        image_at = text.index(IMAGE_TOKEN)
+        wrapped = IMAGE_START_TOKEN + IMAGE_TOKEN + IMAGE_END_TOKEN
+        text = text.replace(IMAGE_TOKEN, wrapped)
+        shift = len(wrapped) - len(IMAGE_TOKEN)
+        answer_spans = [(s + shift, e + shift) if s > image_at else (s, e) for s, e in answer_spans]
+    encoded = legacy.encode_prompt(text, image_token_id, num_image_tokens)
+    input_ids = torch.tensor(encoded.ids, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for i, (start, end) in enumerate(encoded.spans):
+        for a_start, a_end in answer_spans:
+            inside = a_start <= start < a_end if end == start else start < a_end and end > a_start
+            if inside:
+                labels[i] = input_ids[i]
+                break
+    return input_ids, labels

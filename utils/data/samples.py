@@ -18,6 +18,7 @@ import torch
 
 from model.features import preprocess_for_dinov2
 from model.inputs import LLMSegBatch
+from model.legacy_tokenizer import LegacyLlamaTokenizer
 from model.tokenizer import SEG_TOKEN
 from utils.data.conversation import (
     IGNORE_INDEX,
@@ -100,6 +101,7 @@ class EncoderSettings:
     antialias: bool = True
     use_im_start_end: bool = True
     model_max_length: int = 512
+    tokenization: str = "hf"  # or "llava_legacy" (model.legacy_tokenizer)
 
 
 class SampleEncoder:
@@ -119,6 +121,11 @@ class SampleEncoder:
         self.settings = settings
         self.num_dropped = 0
         self.num_truncated = 0
+        self.legacy = (
+            LegacyLlamaTokenizer.from_tokenizer(tokenizer)
+            if settings.tokenization == "llava_legacy"
+            else None
+        )
 
     def _encode(self, turns: Turns) -> EncodedConversation:
         return encode_conversation(
@@ -128,6 +135,7 @@ class SampleEncoder:
             self.fmt,
             self.settings.use_im_start_end,
             self.settings.model_max_length,
+            legacy=self.legacy,
         )
 
     def encode_text_dialogue(self, turns: Turns) -> EncodedConversation:
