@@ -105,6 +105,11 @@ class ChatConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     vision_tower: str = field(default="", metadata={"help": "override the export's CLIP path"})
     dinov2: str = field(default="", metadata={"help": "override the export's DINOv2 path"})
+    show_prompt: bool = field(
+        default=False,
+        metadata={"help": "print the exact text, tokens and ids the model reads (the image as "
+                  "one -200) and write them into each query's JSON"},
+    )  # fmt: skip
 
 
 @dataclass
@@ -216,9 +221,20 @@ def _captioned(image: np.ndarray, caption: str) -> np.ndarray:
     return np.concatenate([band, image])
 
 
-def write_answer(item: ChatItem, image: np.ndarray, answer: SegmentationAnswer, out_dir: Path,
-                 seconds: float, proposal_source: str) -> dict:  # fmt: skip
-    """Write the mask, overlay and JSON of one answer; return the JSON record."""
+def write_answer(
+    item: ChatItem,
+    image: np.ndarray,
+    answer: SegmentationAnswer,
+    out_dir: Path,
+    seconds: float,
+    proposal_source: str,
+    show_prompt: bool = False,
+) -> dict:
+    """Write the mask, overlay and JSON of one answer; return the JSON record.
+
+    ``show_prompt`` adds ``prompt_text``, ``prompt_tokens`` and ``prompt_ids`` (the whole
+    sequence the model read) to the JSON.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_file, overlay_file = f"{item.name}_mask.png", f"{item.name}_overlay.png"
     _save_png(answer.mask.astype(np.uint8) * 255, out_dir / mask_file)
@@ -253,27 +269,46 @@ def write_answer(item: ChatItem, image: np.ndarray, answer: SegmentationAnswer, 
         "overlay": overlay_file,
         "seconds": round(seconds, 3),
     }  # fmt: skip
+    if show_prompt:
+        record["prompt_text"] = answer.prompt_text
+        record["prompt_tokens"] = answer.prompt_tokens
+        record["prompt_ids"] = answer.prompt_ids
     tmp = out_dir / f"{item.name}.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, out_dir / f"{item.name}.json")
     return record
 
 
-def run_item(segmenter: Segmenter, item: ChatItem, out_dir: Path) -> dict:
+def format_prompt(answer: SegmentationAnswer) -> str:
+    """The text, tokens and ids the model read, for the terminal (``--show_prompt``)."""
+    pairs = " ".join(f"{token}({token_id})" for token, token_id in
+                     zip(answer.prompt_tokens, answer.prompt_ids))  # fmt: skip
+    tokenization = answer.settings.get("tokenization", "")
+    return (
+        f"prompt text ({tokenization}): {answer.prompt_text!r}\n"
+        f"prompt tokens ({len(answer.prompt_ids)}): {pairs}\n"
+    )
+
+
+def run_item(segmenter: Segmenter, item: ChatItem, out_dir: Path, show_prompt=False) -> dict:
     """Segment one item and write its files."""
     started = time.time()
     image = load_rgb_image(item.image)
     answer = segmenter(image, item.query, item.key)
     elapsed = time.time() - started
-    return write_answer(item, image, answer, out_dir, elapsed, segmenter.proposals.name)
+    if show_prompt:
+        sys.stdout.write(format_prompt(answer))
+    return write_answer(
+        item, image, answer, out_dir, elapsed, segmenter.proposals.name, show_prompt
+    )
 
 
-def run_batch(segmenter: Segmenter, items: list[ChatItem], out_dir: Path) -> dict:
+def run_batch(segmenter: Segmenter, items: list[ChatItem], out_dir: Path, show_prompt=False):
     """Every item, with a progress bar; failures are recorded in ``summary.json`` and skipped."""
     done, failed = [], []
     for item in tqdm(items, desc="chat", unit="query"):
         try:
-            done.append(run_item(segmenter, item, out_dir)["mask"])
+            done.append(run_item(segmenter, item, out_dir, show_prompt)["mask"])
         except INPUT_ERRORS as error:
             logger.error("%s: %s", item.image, error)
             failed.append({"image": str(item.image), "query": item.query, "error": str(error)})
@@ -284,7 +319,7 @@ def run_batch(segmenter: Segmenter, items: list[ChatItem], out_dir: Path) -> dic
     return summary
 
 
-def interactive(segmenter: Segmenter, out_dir: Path) -> list[dict]:
+def interactive(segmenter: Segmenter, out_dir: Path, show_prompt: bool = False) -> list[dict]:
     """Ask for an image path and a query until an empty line (or end of input)."""
     records, count = [], 0
     while True:
@@ -298,7 +333,7 @@ def interactive(segmenter: Segmenter, out_dir: Path) -> list[dict]:
         count += 1
         item = ChatItem(Path(path), query, f"{count:03d}_{Path(path).stem}", Path(path).name)
         try:
-            record = run_item(segmenter, item, out_dir)
+            record = run_item(segmenter, item, out_dir, show_prompt)
         except INPUT_ERRORS as error:
             sys.stdout.write(f"error: {error}\n")
             continue
@@ -324,10 +359,10 @@ def main(config: ChatConfig, segmenter: Segmenter | None = None):
     out_dir = Path(config.out_dir)
     save_config(config, out_dir / "chat_config.json")
     if items is None:
-        return interactive(segmenter, out_dir)
+        return interactive(segmenter, out_dir, config.show_prompt)
     if config.image:
-        return run_item(segmenter, items[0], out_dir)
-    return run_batch(segmenter, items, out_dir)
+        return run_item(segmenter, items[0], out_dir, config.show_prompt)
+    return run_batch(segmenter, items, out_dir, config.show_prompt)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from model.builder import CONFIG_ALIASES, LLMSegConfig, build_llm_seg, setup_trainable
 from model.export import load_exported
+from model.legacy_tokenizer import resolve_tokenization
 from utils.config import parse_config, save_config
 from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, eval_records
 from utils.device import resolve_device, resolve_dtype
@@ -84,6 +85,9 @@ def main(config: EvalConfig) -> dict:
         model, tokenizer = exported.model, exported.tokenizer
         config = dataclasses.replace(config, **exported.manifest.encoder_fields())
     else:
+        tokenization = resolve_tokenization(config.tokenization, config.version)
+        model_config = dataclasses.replace(model_config, tokenization=tokenization)
+        config = dataclasses.replace(config, tokenization=tokenization)
         model, tokenizer = build_llm_seg(model_config, device, dtype)
         setup_trainable(model, model_config)
         load_trainable_weights(model, config.checkpoint, config.checkpoint_tag)

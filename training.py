@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from model.builder import CONFIG_ALIASES, LLMSegConfig, build_llm_seg, setup_trainable
+from model.legacy_tokenizer import resolve_tokenization
 from utils.config import parse_config, save_config
 from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, build_train_dataset
 from utils.data.images import load_rgb_image
@@ -164,6 +165,8 @@ def main(config: TrainConfig) -> dict:
     ensure_process_group_env()
     device = resolve_device(config.device)
     _validate(config, device)
+    # Recorded resolved (auto -> llava_legacy / hf) so exports and resumes use the same one.
+    config.tokenization = resolve_tokenization(config.tokenization, config.version)
     init_process_group(device)
     seed_everything(config.seed)
     dtype = resolve_dtype(config.precision)

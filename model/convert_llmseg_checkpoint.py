@@ -39,6 +39,9 @@ Anything else is *unmapped*: listed in ``conversion_report.json`` and, unless
 ``<im_end>`` (those missing from the base tokenizer) and used no ``<image>`` token; here
 ``<image>`` placeholders exist too, so embedding and ``lm_head`` rows are copied by token string,
 and ``<image>``'s rows (overwritten by CLIP features; never predicted) get the mean row.
+The export records ``tokenization: llava_legacy`` (prompts token for token as upstream's
+transformers 4.29 made them; :mod:`model.legacy_tokenizer`) and keeps the base's
+``tokenizer.model`` for it.
 
 CLI::
 
@@ -70,6 +73,7 @@ from model.export import (
     save_export,
 )
 from model.features import DinoFeatureExtractor
+from model.legacy_tokenizer import sentencepiece_file
 from model.llava import LlavaBackbone, build_projector
 from model.llava_checkpoint import llama_config_from_llava, read_llava_config
 from model.llm_seg import LLMSegModel
@@ -181,6 +185,20 @@ def merge_lora(llm: dict, lora: dict, alpha: float) -> list[str]:
         delta = b.float() @ a.float() * (alpha / a.shape[0])
         llm[f"{module}.weight"] = base.float() + delta  # fp32; cast once, to the output dtype
     return modules
+
+
+def _upstream_tokenization(base_tokenizer, version: str) -> str:
+    """``llava_legacy``: upstream trained with transformers 4.29's slow LLaMA tokenizer, which
+    that tokenization reproduces from the base's ``tokenizer.model``. A base folder without one
+    cannot give upstream's ids: ``hf``, with a warning."""
+    if sentencepiece_file(base_tokenizer) is not None:
+        return "llava_legacy"
+    logger.warning(
+        "%s has no sentencepiece tokenizer.model: prompts are tokenized with transformers "
+        "(tokenization hf), not token for token as upstream trained",
+        version,
+    )
+    return "hf"
 
 
 def upstream_added_tokens(base_tokenizer) -> list[str]:
@@ -337,6 +355,7 @@ def main(config: ConvertConfig) -> dict:
 
     raw = read_llava_config(config.version)
     base_tokenizer = load_tokenizer(config.version)
+    report["tokenization"] = _upstream_tokenization(base_tokenizer, config.version)
     tokenizer = load_tokenizer(config.version)
     add_llm_seg_tokens(tokenizer, use_im_start_end=True)  # upstream always used the image tags
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -388,6 +407,7 @@ def main(config: ConvertConfig) -> dict:
         lora_r=report.get("lora_rank", 0),
         lora_alpha=int(config.lora_alpha),
         precision=config.dtype,
+        tokenization=report["tokenization"],
     )
     manifest = ExportManifest(
         kind="merged",

@@ -43,6 +43,7 @@ from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaConfig
 from model.builder import LLMSegConfig, build_llm_seg, merge_lora_weights, setup_trainable
 from model.dinov2 import load_dinov2
 from model.features import DinoFeatureExtractor
+from model.legacy_tokenizer import SENTENCEPIECE_FILE, resolve_tokenization, sentencepiece_file
 from model.llava import LlavaBackbone, build_projector
 from model.llava_checkpoint import load_clip_vision_tower, read_llava_config
 from model.llm_seg import LLMSegModel
@@ -65,6 +66,7 @@ logger = logging.getLogger(__name__)
 EXPORT_FORMAT = "llm-seg-export"
 EXPORT_FORMAT_VERSION = 1
 MANIFEST = "export_config.json"
+CONVERSION_REPORT = "conversion_report.json"  # written by the converters of upstream checkpoints
 LLM_DIR = "llm"
 PROJECTOR_FILE = "vision_projector.safetensors"
 HEAD_FILE = "proposal_head.safetensors"
@@ -124,7 +126,10 @@ class ExportManifest:
 
     def encoder_fields(self) -> dict:
         """The model / data config fields a sample encoder needs (``build_encoder``'s)."""
-        sizes = ("vision_tower", "dino_image_size", "proposal_map_size", "model_max_length")
+        sizes = (
+            "vision_tower", "dino_image_size", "proposal_map_size", "model_max_length",
+            "tokenization",
+        )  # fmt: skip
         fields = {name: getattr(self.model, name) for name in sizes}
         return {**fields, **dataclasses.asdict(self.preprocessing)}
 
@@ -156,6 +161,12 @@ def read_manifest(folder: str | os.PathLike) -> ExportManifest:
         "selection": ExportSelection,
         "preprocessing": ExportPreprocessing,
     }
+    model = data.setdefault("model", {})
+    if "tokenization" not in model:
+        # Exports made before the setting existed: converted ones hold upstream's weights,
+        # trained with the slow LLaMA tokenizer; this project's training used transformers'.
+        converted = (Path(folder) / CONVERSION_REPORT).is_file()
+        model["tokenization"] = "llava_legacy" if converted else "hf"
     for name, cls in parts.items():
         data[name] = _from_dict(cls, data.get(name, {}), f"{path} [{name}]")
     manifest = _from_dict(ExportManifest, data, str(path))
@@ -251,6 +262,7 @@ def save_export(
             with quiet_transformers():  # no progress bar per shard
                 model.backbone.language_model.save_pretrained(folder / LLM_DIR)
             tokenizer.save_pretrained(folder / LLM_DIR)
+            _keep_sentencepiece_model(tokenizer, manifest.model.tokenization, folder / LLM_DIR)
             save_state_dict(model.backbone.projector.state_dict(), folder / PROJECTOR_FILE)
             head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
             save_state_dict(head, folder / HEAD_FILE)
@@ -259,6 +271,18 @@ def save_export(
             write_extra(folder)
     logger.info("exported a %s model to %s", manifest.kind, out_dir)
     return Path(out_dir)
+
+
+def _keep_sentencepiece_model(tokenizer, tokenization: str, llm_dir: Path) -> None:
+    """Copy the sentencepiece ``tokenizer.model`` beside the saved tokenizer: transformers 5
+    saves only ``tokenizer.json``, and ``llava_legacy`` (or ``auto``) encodes with the model."""
+    source = sentencepiece_file(tokenizer)
+    if source is None:
+        if tokenization == "llava_legacy":
+            raise ValueError("tokenization llava_legacy needs the tokenizer's tokenizer.model")
+        return
+    if not (llm_dir / SENTENCEPIECE_FILE).exists():
+        shutil.copyfile(source, llm_dir / SENTENCEPIECE_FILE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,6 +529,7 @@ def export_training_run(
         raise CheckpointError(f"{checkpoint}: no such checkpoint file or folder")
     config_path = Path(run_config) if run_config else find_run_config(checkpoint)
     run = {**json.loads(config_path.read_text()), **(model_overrides or {})}
+    run.setdefault("tokenization", "hf")  # runs from before the setting: trained with hf
     model_config = _pick(LLMSegConfig, run)
     save_dtype = resolve_dtype(dtype or model_config.precision)
     for name in ("version", "vision_tower", "dinov2"):
@@ -514,6 +539,7 @@ def export_training_run(
     build_config = dataclasses.replace(model_config, gradient_checkpointing=False)
     # Built in the output dtype (a 7B model in fp32 needs 28 GB); peft merges in fp32 anyway.
     model, tokenizer = build_llm_seg(build_config, "cpu", save_dtype)
+    model_config.tokenization = resolve_tokenization(model_config.tokenization, tokenizer)
     setup_trainable(model, build_config)
     weights = load_trainable_weights(model, checkpoint, which, weights_source)
     model.eval()

@@ -99,6 +99,7 @@ def demo_llm_seg_config(checkpoints: TinyCheckpoints, **overrides) -> LLMSegConf
         scorer_mlp_dim=128,
         proposal_map_size=64,
         mask_geometry_embedding=True,
+        tokenization="hf",  # the demo tokenizer is a byte-pair tokenizer.json, no sentencepiece
     )
     return dataclasses.replace(config, **overrides)
 

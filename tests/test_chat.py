@@ -147,6 +147,37 @@ def test_free_generation_of_seg_matches_teacher_forcing(setup, tmp_path):
     np.testing.assert_array_equal(union, parts[0] | parts[1])
 
 
+def test_show_prompt_prints_and_records_the_whole_sequence(setup, tmp_path, capsys):
+    root, images, store, _ = setup
+    config = _config(root, store, image=str(images / "img_000.jpg"), query=QUERY)
+    plain = chat.main(dataclasses.replace(config, out_dir=str(tmp_path / "plain")))
+    assert "prompt_ids" not in plain
+    record = chat.main(
+        dataclasses.replace(config, out_dir=str(tmp_path / "shown"), show_prompt=True)
+    )
+    segmenter = setup_segmenter(root, store)
+    input_ids, _ = segmenter.encode(build_question(QUERY, "long"), VALIDATION_ANSWER)
+    image_id = segmenter.model.backbone.image_token_id
+    assert record["prompt_ids"].count(-200) == 1  # the image as upstream writes it
+    expanded = []
+    for token_id in record["prompt_ids"]:
+        expanded += (
+            [image_id] * segmenter.model.num_image_tokens if token_id == -200 else [token_id]
+        )
+    assert expanded == input_ids.tolist()  # exactly what the model read, answer included
+    assert record["prompt_ids"][-1] == segmenter.tokenizer.eos_token_id
+    assert len(record["prompt_tokens"]) == len(record["prompt_ids"])
+    assert record["prompt_tokens"][record["prompt_ids"].index(-200)] == "<image>"
+    assert record["prompt_text"].endswith("ASSISTANT: [SEG].</s>")
+    assert QUERY in record["prompt_text"]
+    assert record["selection"]["tokenization"] == "hf"  # the tiny kit's tokenizer is not LLaMA's
+    shown = json.loads((tmp_path / "shown" / "img_000.json").read_text())
+    assert shown["prompt_ids"] == record["prompt_ids"]
+    printed = capsys.readouterr().out
+    assert f"prompt tokens ({len(record['prompt_ids'])}):" in printed
+    assert "<image>(-200)" in printed
+
+
 def test_answer_without_seg_gives_an_explained_empty_mask(setup, tmp_path):
     root, images, store, _ = setup
     image = str(images / "img_002.jpg")

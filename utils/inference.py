@@ -26,6 +26,7 @@ from transformers import LogitsProcessorList
 
 from model.features import preprocess_for_dinov2
 from model.inputs import LLMSegBatch
+from model.legacy_tokenizer import LegacyLlamaTokenizer, resolve_tokenization
 from model.selection import SELECTION_STRATEGIES
 from model.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 from utils.data.conversation import (
@@ -113,6 +114,10 @@ class SegmentationAnswer:
         mask: ``(H, W)`` bool union of the rounds' masks (all false without ``[SEG]``).
         num_proposals: proposals the model scored.
         note: why the mask is empty, when it is.
+        prompt_text: the whole text the model read (image tags as the model sees them, the
+            answer and ``</s>`` included).
+        prompt_tokens, prompt_ids: its tokens and ids; the image is one ``<image>`` / ``-200``
+            placeholder, as upstream writes it.
     """
 
     query: str
@@ -124,6 +129,28 @@ class SegmentationAnswer:
     num_proposals: int
     note: str = ""
     settings: dict = field(default_factory=dict)
+    prompt_text: str = ""
+    prompt_tokens: list[str] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+UPSTREAM_IMAGE_ID = -200  # LLaVA's IMAGE_TOKEN_INDEX: how upstream writes the image in ids
+
+
+def readable_ids(tokenizer, input_ids: list[int], image_token_id: int) -> tuple[list, list]:
+    """``(ids, tokens)`` of a sequence with each run of image placeholders as one ``-200`` /
+    ``<image>`` (what upstream's ``tokenizer_image_token`` gives, so ids can be compared)."""
+    ids: list[int] = []
+    for token_id in input_ids:
+        if token_id == image_token_id:
+            if ids and ids[-1] == UPSTREAM_IMAGE_ID:
+                continue
+            token_id = UPSTREAM_IMAGE_ID
+        ids.append(int(token_id))
+    tokens = [
+        IMAGE_TOKEN if t == UPSTREAM_IMAGE_ID else tokenizer.convert_ids_to_tokens(t) for t in ids
+    ]
+    return ids, tokens
 
 
 class StoreProposals:
@@ -193,6 +220,12 @@ class Segmenter:
         )
         self.device = next(self.model.dino.parameters()).device
         self.dtype = next(self.model.proposal_scorer.parameters()).dtype
+        self.tokenization = resolve_tokenization(self.manifest.model.tokenization, self.tokenizer)
+        self.legacy = (
+            LegacyLlamaTokenizer.from_tokenizer(self.tokenizer)
+            if self.tokenization == "llava_legacy"
+            else None
+        )
 
     def encode(self, question: str, answer: str | None) -> tuple[torch.Tensor, str]:
         """``(input_ids (L,), rendered text)`` of one turn; ``answer=None`` leaves it open."""
@@ -203,8 +236,15 @@ class Segmenter:
             self.format,
             self.manifest.architecture.use_im_start_end,
             self.manifest.model.model_max_length,
+            legacy=self.legacy,
         )
         return encoded.input_ids, encoded.text
+
+    def _model_text(self, prompt: str) -> str:
+        """The rendered prompt with the image tags the model reads around ``<image>``."""
+        if self.manifest.architecture.use_im_start_end:
+            return prompt.replace(IMAGE_TOKEN, IMAGE_START_TOKEN + IMAGE_TOKEN + IMAGE_END_TOKEN)
+        return prompt
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, clip_pixels: torch.Tensor) -> torch.Tensor:
@@ -251,11 +291,16 @@ class Segmenter:
         if settings.mode == "teacher_forced":
             input_ids, prompt = self.encode(question, VALIDATION_ANSWER)
             answer = VALIDATION_ANSWER
+            prompt_text = self._model_text(prompt)
         else:
             prompt_ids, prompt = self.encode(question, None)
             answer_ids = self.generate(prompt_ids, clip_pixels)
             input_ids = torch.cat([prompt_ids, answer_ids])
             answer = self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+            prompt_text = self._model_text(prompt) + " " + self.tokenizer.decode(answer_ids)
+        readable = readable_ids(
+            self.tokenizer, input_ids.tolist(), self.model.backbone.image_token_id
+        )
         batch = LLMSegBatch(
             input_ids=input_ids[None],
             attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
@@ -292,7 +337,11 @@ class Segmenter:
             num_proposals=len(sample.indices),
             note=note,
             settings={"strategy": settings.strategy, "threshold": settings.threshold,
-                      "top_k": settings.top_k, "template": settings.template},
+                      "top_k": settings.top_k, "template": settings.template,
+                      "tokenization": self.tokenization},
+            prompt_text=prompt_text,
+            prompt_ids=readable[0],
+            prompt_tokens=readable[1],
         )  # fmt: skip
 
 

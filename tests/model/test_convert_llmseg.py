@@ -10,7 +10,9 @@ converter's rules); the converted export must score exactly like the reference m
 from __future__ import annotations
 
 import json
+import shutil
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,16 +28,29 @@ from model.convert_llmseg_checkpoint import (
     reorder_vocabulary_rows,
 )
 from model.export import load_exported
+from model.legacy_tokenizer import LegacyLlamaTokenizer
 from model.llava_checkpoint import save_llava_original
 from model.sam import load_sam
 from model.tiny import build_tiny_llava, train_tiny_tokenizer
-from model.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
+from model.tokenizer import (
+    IMAGE_END_TOKEN,
+    IMAGE_START_TOKEN,
+    IMAGE_TOKEN,
+    SEG_TOKEN,
+    load_tokenizer,
+)
 from tests.model.batches import BatchSpec, make_batch
 from tests.model.dinov2_hub import hub_state_of
+from tests.model.test_legacy_tokenizer import CASES, REFERENCE, encode_like_upstream
 from utils.checkpoint import CheckpointError
 from utils.config import parse_config
+from utils.data.conversation import VALIDATION_ANSWER
+from utils.inference import InferenceSettings, Segmenter, readable_ids
 
 PEFT = "base_model.model."
+SENTENCEPIECE_TOKENIZER = (
+    Path(__file__).resolve().parents[1] / "data" / "upstream_tokenization" / "tokenizer"
+)
 ADDED = (SEG_TOKEN, IMAGE_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN)
 # Upstream module names (model/LISA.py) of our heads.
 HEAD_NAMES = {
@@ -64,10 +79,11 @@ def base_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def upstream_vocabulary(base) -> dict[str, int]:
-    """Upstream's ids: the base vocabulary, then [SEG], <im_start>, <im_end> (training.py)."""
+    """Upstream's ids: the base vocabulary, then those of [SEG], <im_start>, <im_end> it lacks
+    (training.py; LLaVA-Lightning's folder already holds the image tags)."""
     vocab = dict(base.get_vocab())
     for token in (SEG_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN):
-        vocab[token] = len(vocab)
+        vocab.setdefault(token, len(vocab))
     return vocab
 
 
@@ -120,16 +136,39 @@ def write_deepspeed_save(folder, module: dict, step: int = 5000) -> None:
     (folder / "latest").write_text(f"global_step{step}")
 
 
-@pytest.fixture(scope="module")
-def official(tiny_checkpoints, tmp_path_factory):
-    """``(paths, reference model, tokenizer)``: a tiny official checkpoint and what it holds."""
+def sentencepiece_base_folder(folder: Path) -> Path:
+    """A LLaVA-Lightning-style tokenizer folder: a sentencepiece ``tokenizer.model`` saved by
+    transformers 4.31 with ``<im_patch>``, ``<im_start>``, ``<im_end>`` added, no ``[SEG]`` and
+    no ``tokenizer.json`` (the test data of ``tests/model/test_legacy_tokenizer.py``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(SENTENCEPIECE_TOKENIZER / name, folder / name)
+    added = json.loads((SENTENCEPIECE_TOKENIZER / "added_tokens.json").read_text())
+    added.pop(SEG_TOKEN)
+    (folder / "added_tokens.json").write_text(json.dumps(added))
+    return folder
+
+
+@pytest.fixture(scope="module", params=["bpe", "sentencepiece"])
+def official(tiny_checkpoints, tmp_path_factory, request):
+    """``(paths, reference model, tokenizer, module)``: a tiny official checkpoint and what it
+    holds, on a base LLaVA whose tokenizer is the tiny BPE one or a released-style
+    sentencepiece folder (``tokenizer.model`` only)."""
     root = tmp_path_factory.mktemp("official")
-    base = base_tokenizer()
-    backbone, _, _ = build_tiny_llava(tokenizer=base_tokenizer(), seed=3)
+    if request.param == "bpe":
+        base, new_base = base_tokenizer(), base_tokenizer
+    else:
+        folder = sentencepiece_base_folder(root / "base_tokenizer")
+        base, new_base = load_tokenizer(str(folder)), lambda: load_tokenizer(str(folder))
+    backbone, _, _ = build_tiny_llava(tokenizer=new_base(), seed=3)
     # build_tiny_llava added our tokens to its tokenizer; the base folder gets the plain one.
     language_model = backbone.language_model
     language_model.resize_token_embeddings(len(base))
     save_llava_original(root / "llava", backbone, base, tiny_checkpoints.clip, "linear")
+    if request.param == "sentencepiece":  # the released folder's files, not transformers 5's
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (root / "llava" / name).unlink(missing_ok=True)
+        sentencepiece_base_folder(root / "llava")
 
     torch.manual_seed(1)
     # Upstream's proposal maps are 256 x 256 (the converter records that size).
@@ -172,6 +211,8 @@ def _convert(root, tiny_checkpoints, out_name, **overrides) -> dict:
 def test_converted_scores_equal_the_checkpoint_weights(official, tiny_checkpoints):
     root, reference, tokenizer, module = official
     report = _convert(root, tiny_checkpoints, "export")
+    sentencepiece = (root / "llava" / "tokenizer.model").is_file()
+    assert report["tokenization"] == ("llava_legacy" if sentencepiece else "hf")
 
     assert report["unmapped"] == []
     assert report["dropped"] == {
@@ -189,6 +230,20 @@ def test_converted_scores_equal_the_checkpoint_weights(official, tiny_checkpoint
     assert json.loads((export / "conversion_report.json").read_text()) == report
 
     loaded = load_exported(export)
+    assert loaded.manifest.model.tokenization == report["tokenization"]
+    assert (export / "llm" / "tokenizer.model").is_file() == sentencepiece
+    if sentencepiece:  # prompts token for token as upstream's transformers made them
+        case = next(c for c in REFERENCE["cases"] if c["name"] == "reasonseg_val_long")
+        legacy = LegacyLlamaTokenizer.from_tokenizer(loaded.tokenizer)
+        ids, _, seg_positions = encode_like_upstream(loaded.tokenizer, case, legacy)
+        assert ids == case["input_ids"]
+        assert seg_positions == case["seg_positions"]
+        # chat.py's path reads the same ids
+        segmenter = Segmenter(loaded, proposals=None, settings=InferenceSettings())
+        question = CASES[case["name"]]["turns"][0][0]
+        input_ids, _ = segmenter.encode(question, VALIDATION_ANSWER)
+        image_id = loaded.model.backbone.image_token_id
+        assert readable_ids(loaded.tokenizer, input_ids.tolist(), image_id)[0] == ids
     assert loaded.manifest.model.dinov2 == str((export / "dinov2").resolve())
     assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
     batch = make_batch(
@@ -205,7 +260,7 @@ def test_converted_scores_equal_the_checkpoint_weights(official, tiny_checkpoint
         got.logits[..., keep], expected.logits[..., keep], atol=2e-5, rtol=1e-4
     )
     # Upstream's [SEG] row is the one the converted lm_head predicts [SEG] with.
-    seg_up = upstream_vocabulary(base_tokenizer())[SEG_TOKEN]
+    seg_up = upstream_vocabulary(load_tokenizer(str(root / "llava")))[SEG_TOKEN]
     lm_head = loaded.model.backbone.language_model.lm_head.weight
     assert torch.equal(
         lm_head[loaded.model.seg_token_id], module[PEFT + "lm_head.weight"][seg_up].float()

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -122,6 +123,17 @@ def test_zero2_run_exports_and_reloads_with_identical_predictions(runs, tmp_path
     # frozen encoders by (absolute) path, not copied
     assert Path(manifest.model.dinov2).is_absolute()
     assert not (out / "dinov2").exists()
+    assert manifest.model.tokenization == "hf"  # the tiny tokenizer has no tokenizer.model
+    # Exports written before the setting existed: this project's training used hf, converted
+    # upstream checkpoints were trained with the slow LLaMA tokenizer.
+    old = tmp_path / "old_export"
+    shutil.copytree(out, old)
+    data = json.loads((old / MANIFEST).read_text())
+    del data["model"]["tokenization"]
+    (old / MANIFEST).write_text(json.dumps(data))
+    assert read_manifest(old).model.tokenization == "hf"
+    (old / "conversion_report.json").write_text("{}")
+    assert read_manifest(old).model.tokenization == "llava_legacy"
     exported = load_exported(out)
     _assert_same_predictions(reference, tokenizer, exported)
     # The merged LLM is a plain transformers folder.

@@ -41,7 +41,8 @@ def _collapse_image(values: list[int], image_positions: list[int], placeholder: 
     return values[:first] + [placeholder] + values[last + 1 :]
 
 
-def _encode(tokenizer, case: dict, legacy):
+def encode_like_upstream(tokenizer, case: dict, legacy):
+    """``(ids, labels, seg_positions)`` of a reference case, image collapsed to ``-200``."""
     turns = [tuple(turn) for turn in CASES[case["name"]]["turns"]]
     encoded = encode_conversation(
         tokenizer, turns, NUM_IMAGE_TOKENS, CONVERSATION_FORMATS["llava_v1"],
@@ -73,7 +74,7 @@ def test_a_tokenizer_model_only_folder_loads_with_upstream_ids(tokenizer):
 def test_ids_labels_and_seg_positions_equal_upstream(tokenizer, name):
     case = next(c for c in REFERENCE["cases"] if c["name"] == name)
     legacy = LegacyLlamaTokenizer.from_tokenizer(tokenizer)
-    ids, labels, seg_positions = _encode(tokenizer, case, legacy)
+    ids, labels, seg_positions = encode_like_upstream(tokenizer, case, legacy)
     assert ids == case["input_ids"]
     assert seg_positions == case["seg_positions"]
     if case["labels"] is not None:
@@ -85,7 +86,7 @@ def test_plain_transformers_tokenization_differs_where_upstream_strips(tokenizer
     """Without the legacy encoder, transformers 5 puts a ``▁`` before ``<im_start>`` and
     ``[SEG]`` and keeps the newline: the [SEG] embedding would come from another token."""
     case = next(c for c in REFERENCE["cases"] if c["name"] == "reasonseg_val_long")
-    ids, _, seg_positions = _encode(tokenizer, case, legacy=None)
+    ids, _, seg_positions = encode_like_upstream(tokenizer, case, legacy=None)
     assert ids != case["input_ids"]
     assert seg_positions != case["seg_positions"]
     underline = tokenizer.convert_tokens_to_ids("\u2581")

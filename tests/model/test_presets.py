@@ -65,6 +65,7 @@ def test_main_writes_checkpoints_and_model_flags(tmp_path):
     assert (out_dir / MODEL_ARGS_FILE).read_text().splitlines() == arguments
     config = parse_config(LLMSegConfig, arguments)
     assert config.version == str(out_dir / "llava")
+    assert config.tokenization == "hf"
     assert (out_dir / "llava" / "config.json").is_file()
     assert (out_dir / "dinov2" / "config.json").is_file()
     assert json.loads((out_dir / "config.json").read_text())["seed"] == 0
