@@ -34,14 +34,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from model.evaluation import overlay
 from model.export import load_exported
-from prepare_datasets.proposals import GeneratorConfig, build_generator
-from utils.checkpoint import CheckpointError
-from utils.config import parse_config, save_config
-from utils.data.images import ImageReadError, load_rgb_image
-from utils.device import resolve_device, resolve_dtype
-from utils.evaluation import overlay
-from utils.inference import (
+from model.inference import (
     MODES,
     TEMPLATES,
     GeneratedProposals,
@@ -50,6 +45,11 @@ from utils.inference import (
     Segmenter,
     StoreProposals,
 )
+from prepare_datasets.proposals.generator import GeneratorConfig, build_generator
+from utils.checkpoint import CheckpointError
+from utils.config import parse_config, save_config
+from utils.data.images import ImageReadError, load_rgb_image
+from utils.device import resolve_device, resolve_dtype
 from utils.logging_setup import setup_logging
 
 logger = logging.getLogger("chat")

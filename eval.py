@@ -24,13 +24,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from model.builder import CONFIG_ALIASES, LLMSegConfig, build_llm_seg, setup_trainable
+from model.evaluation import SelectionSettings, evaluate, score_prediction_folder
 from model.export import load_exported
-from model.legacy_tokenizer import resolve_tokenization
 from utils.config import parse_config, save_config
 from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, eval_records
 from utils.device import resolve_device, resolve_dtype
 from utils.distributed import init_process_group, is_main_process
-from utils.evaluation import SelectionSettings, evaluate, score_prediction_folder
+from utils.legacy_tokenizer import resolve_tokenization
 from utils.logging_setup import setup_logging
 from utils.run_checkpoints import load_trainable_weights
 

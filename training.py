@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from model.builder import CONFIG_ALIASES, LLMSegConfig, build_llm_seg, setup_trainable
-from model.legacy_tokenizer import resolve_tokenization
+from model.evaluation import SelectionSettings, evaluate
 from utils.config import parse_config, save_config
 from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, build_train_dataset
 from utils.data.images import load_rgb_image
@@ -43,7 +43,7 @@ from utils.distributed import (
     rank,
     world_size,
 )
-from utils.evaluation import SelectionSettings, evaluate
+from utils.legacy_tokenizer import resolve_tokenization
 from utils.logging_setup import setup_logging
 from utils.run_checkpoints import (
     CHECKPOINT_DIR,

@@ -60,16 +60,16 @@ from pycocotools import mask as mask_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.sam import SAM_PRESETS, build_sam  # noqa: E402
+from model.backbones.sam import SAM_PRESETS, build_sam  # noqa: E402
 from model.tiny import tiny_sam_architecture  # noqa: E402
-from prepare_datasets.mask_postprocess import stability_scores, upscale_logits  # noqa: E402
-from prepare_datasets.proposals import (  # noqa: E402
+from prepare_datasets.proposals.generator import (  # noqa: E402
     MULTIMASK_TOKENS,
     FastSamGenerator,
     GeneratorConfig,
     ReferenceSamGenerator,
     point_grid,
 )
+from prepare_datasets.proposals.postprocess import stability_scores, upscale_logits  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.proposal_store import ImageProposals  # noqa: E402
 

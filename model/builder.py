@@ -19,16 +19,17 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from model.dinov2 import DINOV2_ARCHS, load_dinov2
-from model.features import DEFAULT_DINO_IMAGE_SIZE, DinoFeatureExtractor
-from model.legacy_tokenizer import TOKENIZATIONS
-from model.llava_checkpoint import load_llava
+from model.backbones.dinov2 import DINOV2_ARCHS, load_dinov2
+from model.backbones.features import DinoFeatureExtractor
+from model.backbones.llava_checkpoint import load_llava
+from model.heads.losses import LossConfig
+from model.heads.proposal_scorer import ProposalScorer, ProposalScorerConfig
 from model.llm_seg import LLMSegModel
-from model.losses import LossConfig
-from model.proposal_scorer import ProposalScorer, ProposalScorerConfig
 from model.tiny import TinyCheckpoints
-from model.tokenizer import SEG_TOKEN
+from utils.data.images import DEFAULT_DINO_IMAGE_SIZE
 from utils.device import PRECISIONS, attention_implementation, resolve_dtype
+from utils.legacy_tokenizer import TOKENIZATIONS
+from utils.tokenizer import SEG_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class LLMSegConfig:
     mask_geometry_embedding: bool = field(
         default=False,
         metadata={"help": "add a mask-geometry embedding (size, place, box, outline) to the "
-                  "pooled proposal features; not in the paper (see model/mask_geometry.py)"},
+                  "pooled proposal features; not in the paper (see model/heads/mask_geometry.py)"},
     )  # fmt: skip
     model_max_length: int = field(default=512, metadata={"help": "tokenizer length limit"})
     tokenization: str = field(

@@ -40,7 +40,7 @@ Anything else is *unmapped*: listed in ``conversion_report.json`` and, unless
 ``<image>`` placeholders exist too, so embedding and ``lm_head`` rows are copied by token string,
 and ``<image>``'s rows (overwritten by CLIP features; never predicted) get the mean row.
 The export records ``tokenization: llava_legacy`` (prompts token for token as upstream's
-transformers 4.29 made them; :mod:`model.legacy_tokenizer`) and keeps the base's
+transformers 4.29 made them; :mod:`utils.legacy_tokenizer`) and keeps the base's
 ``tokenizer.model`` for it.
 
 CLI::
@@ -62,8 +62,15 @@ from pathlib import Path
 import torch
 from transformers import Dinov2Model, LlamaForCausalLM
 
+from model.backbones.dinov2 import (
+    convert_dinov2_hub_state,
+    dinov2_config_from_hub_state,
+    load_dinov2,
+)
+from model.backbones.features import DinoFeatureExtractor
+from model.backbones.llava import LlavaBackbone, build_projector
+from model.backbones.llava_checkpoint import llama_config_from_llava, read_llava_config
 from model.builder import LLMSegConfig
-from model.dinov2 import convert_dinov2_hub_state, dinov2_config_from_hub_state, load_dinov2
 from model.export import (
     ExportManifest,
     ExportPreprocessing,
@@ -72,13 +79,15 @@ from model.export import (
     load_vision_tower,
     save_export,
 )
-from model.features import DinoFeatureExtractor
-from model.legacy_tokenizer import sentencepiece_file
-from model.llava import LlavaBackbone, build_projector
-from model.llava_checkpoint import llama_config_from_llava, read_llava_config
+from model.heads.proposal_scorer import ProposalScorer, ProposalScorerConfig
 from model.llm_seg import LLMSegModel
-from model.proposal_scorer import ProposalScorer, ProposalScorerConfig
-from model.tokenizer import (
+from utils.checkpoint import CheckpointError, load_state_dict_strict, quiet_transformers
+from utils.config import parse_config, save_config
+from utils.device import PRECISIONS, resolve_dtype
+from utils.legacy_tokenizer import sentencepiece_file
+from utils.logging_setup import setup_logging
+from utils.run_checkpoints import read_training_weights
+from utils.tokenizer import (
     IMAGE_END_TOKEN,
     IMAGE_START_TOKEN,
     IMAGE_TOKEN,
@@ -86,11 +95,6 @@ from model.tokenizer import (
     add_llm_seg_tokens,
     load_tokenizer,
 )
-from utils.checkpoint import CheckpointError, load_state_dict_strict, quiet_transformers
-from utils.config import parse_config, save_config
-from utils.device import PRECISIONS, resolve_dtype
-from utils.logging_setup import setup_logging
-from utils.run_checkpoints import read_training_weights
 
 logger = logging.getLogger(__name__)
 

@@ -40,15 +40,13 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaConfig
 
+from model.backbones.dinov2 import load_dinov2
+from model.backbones.features import DinoFeatureExtractor
+from model.backbones.llava import LlavaBackbone, build_projector
+from model.backbones.llava_checkpoint import load_clip_vision_tower, read_llava_config
 from model.builder import LLMSegConfig, build_llm_seg, merge_lora_weights, setup_trainable
-from model.dinov2 import load_dinov2
-from model.features import DinoFeatureExtractor
-from model.legacy_tokenizer import SENTENCEPIECE_FILE, resolve_tokenization, sentencepiece_file
-from model.llava import LlavaBackbone, build_projector
-from model.llava_checkpoint import load_clip_vision_tower, read_llava_config
+from model.heads.proposal_scorer import ProposalScorer
 from model.llm_seg import LLMSegModel
-from model.proposal_scorer import ProposalScorer
-from model.tokenizer import IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN, load_tokenizer
 from utils.checkpoint import (
     CheckpointError,
     load_state_dict,
@@ -58,8 +56,10 @@ from utils.checkpoint import (
 )
 from utils.config import config_to_dict, parse_config, save_config
 from utils.device import PRECISIONS, attention_implementation, require_bitsandbytes, resolve_dtype
+from utils.legacy_tokenizer import SENTENCEPIECE_FILE, resolve_tokenization, sentencepiece_file
 from utils.logging_setup import setup_logging
 from utils.run_checkpoints import WEIGHT_SOURCES, best_record, load_trainable_weights
+from utils.tokenizer import IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ExportArchitecture:
 
 @dataclass
 class ExportSelection:
-    """The mask selection the model was validated with (see :mod:`model.selection`)."""
+    """The mask selection the model was validated with (see :mod:`model.heads.selection`)."""
 
     strategy: str = "iop"
     threshold: float = 0.5

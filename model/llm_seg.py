@@ -1,6 +1,6 @@
 """The whole LLM-Seg model: LLaVA emits ``[SEG]``, whose hidden state scores mask proposals.
 
-Forward pass for a :class:`~model.inputs.LLMSegBatch` of ``B`` rows over ``I`` images:
+Forward pass for a :class:`~utils.batch.LLMSegBatch` of ``B`` rows over ``I`` images:
 
 1. LLaVA (CLIP features written at the ``<image>`` positions) gives logits and last-layer hidden
    states ``(B, L, hidden)``; the LM loss comes from the logits.
@@ -9,7 +9,7 @@ Forward pass for a :class:`~model.inputs.LLMSegBatch` of ``B`` rows over ``I`` i
    256). Positions come from the token ids, so any number of image tokens, of ``[SEG]`` per row
    and of rows per image work.
 3. The proposal head: frozen DINOv2 features and the proposals' weight maps feed the
-   :class:`~model.proposal_scorer.ProposalScorer`, giving per image ``(R_i, K_i)`` cosines and
+   :class:`~model.heads.proposal_scorer.ProposalScorer`, giving per image ``(R_i, K_i)`` cosines and
    IoP scores, and the alignment and IoP-regression losses.
 
 The proposal scorer is one "head" reading the ``[SEG]`` embeddings; a second head (e.g. LISA's
@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from model.features import DinoFeatureExtractor
-from model.inputs import LLMSegBatch
-from model.llava import LlavaBackbone
-from model.losses import LossConfig, alignment_loss, iop_regression_loss, language_model_loss
-from model.proposal_scorer import ProposalScorer, ProposalScores
-from model.selection import SelectionResult, select_mask
+from model.backbones.features import DinoFeatureExtractor
+from model.backbones.llava import LlavaBackbone
+from model.heads.losses import LossConfig, alignment_loss, iop_regression_loss, language_model_loss
+from model.heads.proposal_scorer import ProposalScorer, ProposalScores
+from model.heads.selection import SelectionResult, select_mask
+from utils.batch import LLMSegBatch
 
 
 @dataclass
@@ -210,7 +210,7 @@ class LLMSegModel(nn.Module):
         """Losses (when ``batch`` has labels/targets) and per-image proposal scores.
 
         Args:
-            batch: see :class:`~model.inputs.LLMSegBatch`; ``batch.validate`` runs first.
+            batch: see :class:`~utils.batch.LLMSegBatch`; ``batch.validate`` runs first.
         Returns:
             :class:`LLMSegOutput`.
         """
@@ -267,16 +267,16 @@ class LLMSegModel(nn.Module):
         top_k: int = 5,
         output_sizes: list[tuple[int, int]] | None = None,
     ) -> list[list[SelectionResult]]:
-        """Scores, then one mask per ``[SEG]`` with :func:`~model.selection.select_mask`.
+        """Scores, then one mask per ``[SEG]`` with :func:`~model.heads.selection.select_mask`.
 
         Args:
             batch: as for :meth:`score`.
             proposal_masks: ``I`` tensors ``(K_i, H_i, W_i)`` bool: the same proposals at their
                 stored resolution (``batch.proposal_masks`` are the 256x256 weight maps).
-            strategy, threshold, top_k: see :mod:`model.selection`.
+            strategy, threshold, top_k: see :mod:`model.heads.selection`.
             output_sizes: per image ``(H, W)`` to resize the masks to (original image sizes).
         Returns:
-            per image, per ``[SEG]`` round, a :class:`~model.selection.SelectionResult`.
+            per image, per ``[SEG]`` round, a :class:`~model.heads.selection.SelectionResult`.
         """
         output = self.score(batch)
         results = []

@@ -45,9 +45,9 @@ from pathlib import Path
 
 from model.builder import LLMSegConfig, tiny_llm_seg_config
 from model.tiny import TinyCheckpoints, TinySizes, write_tiny_checkpoints
-from model.tokenizer import DEFAULT_CORPUS, train_tiny_tokenizer
 from utils.config import parse_config, save_config
 from utils.logging_setup import setup_logging
+from utils.tokenizer import DEFAULT_CORPUS, train_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 

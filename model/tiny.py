@@ -27,12 +27,12 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from model.llava import LlavaBackbone, build_projector
-from model.llava_checkpoint import save_clip_vision_tower, save_llava_original
-from model.sam import SamArchitecture, build_sam, save_sam
-from model.tokenizer import IMAGE_TOKEN, add_llm_seg_tokens, train_tiny_tokenizer
+from model.backbones.llava import LlavaBackbone, build_projector
+from model.backbones.llava_checkpoint import save_clip_vision_tower, save_llava_original
+from model.backbones.sam import SamArchitecture, build_sam, save_sam
 from utils.config import parse_config, save_config
 from utils.logging_setup import setup_logging
+from utils.tokenizer import IMAGE_TOKEN, add_llm_seg_tokens, train_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def build_tiny_llava(
     """A randomly initialised tiny :class:`LlavaBackbone` and its tokenizer.
 
     Args:
-        tokenizer: defaults to :func:`~model.tokenizer.train_tiny_tokenizer`; missing LLM-Seg
+        tokenizer: defaults to :func:`~utils.tokenizer.train_tiny_tokenizer`; missing LLM-Seg
             tokens are added.
         projector_type: ``linear`` (LLaVA-v1) or ``mlp2x_gelu`` (LLaVA-1.5).
         sizes: component sizes.

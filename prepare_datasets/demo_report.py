@@ -34,10 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.config import parse_config, save_config
+from utils.config import parse_config, save_config, write_json_atomic
 from utils.data.images import load_rgb_image
 from utils.data.reason_seg import load_reason_seg_split
-from utils.evaluation import write_json_atomic
 from utils.logging_setup import setup_logging
 from utils.masks import mask_iou_iop
 from utils.metrics import IGNORE_LABEL, resize_nearest

@@ -19,8 +19,15 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from prepare_datasets.annotations import TargetImage, items_by_name, list_image_files, load_json
-from prepare_datasets.runner import ImageItem, PrepareConfig, SplitJob, SplitSummary, run_prepare
+from prepare_datasets.annotations import TargetImage, items_by_name
+from prepare_datasets.proposals.runner import (
+    ImageItem,
+    PrepareConfig,
+    SplitJob,
+    SplitSummary,
+    run_prepare,
+)
+from utils.annotations import list_image_files, load_json
 from utils.config import parse_config
 from utils.logging_setup import setup_logging
 

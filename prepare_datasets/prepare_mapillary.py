@@ -15,15 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prepare_datasets.annotations import (
-    TargetImage,
-    class_targets,
-    items_by_name,
-    list_image_files,
-    load_json,
-    read_label_map,
-)
-from prepare_datasets.runner import PrepareConfig, SplitJob, SplitSummary, run_prepare
+from prepare_datasets.annotations import TargetImage, class_targets, items_by_name, read_label_map
+from prepare_datasets.proposals.runner import PrepareConfig, SplitJob, SplitSummary, run_prepare
+from utils.annotations import list_image_files, load_json
 from utils.config import parse_config
 from utils.logging_setup import setup_logging
 

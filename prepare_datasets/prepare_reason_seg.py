@@ -13,14 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prepare_datasets.annotations import (
-    TargetImage,
-    items_by_name,
-    list_image_files,
-    load_json,
-    oriented_size,
-)
-from prepare_datasets.runner import PrepareConfig, SplitJob, SplitSummary, run_prepare
+from prepare_datasets.annotations import TargetImage, items_by_name
+from prepare_datasets.proposals.runner import PrepareConfig, SplitJob, SplitSummary, run_prepare
+from utils.annotations import list_image_files, load_json, oriented_size
 from utils.config import parse_config
 from utils.logging_setup import setup_logging
 from utils.masks import labelme_to_mask

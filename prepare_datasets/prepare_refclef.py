@@ -15,9 +15,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prepare_datasets.annotations import TargetImage, list_image_files
+from prepare_datasets.annotations import TargetImage
 from prepare_datasets.prepare_refcoco import load_refer, refer_targets
-from prepare_datasets.runner import ImageItem, PrepareConfig, SplitJob, SplitSummary, run_prepare
+from prepare_datasets.proposals.runner import (
+    ImageItem,
+    PrepareConfig,
+    SplitJob,
+    SplitSummary,
+    run_prepare,
+)
+from utils.annotations import list_image_files, saiapr_key
 from utils.config import parse_config
 from utils.logging_setup import setup_logging
 
@@ -33,12 +40,6 @@ class RefClefPrepareConfig(PrepareConfig):
 
 def image_root(config: PrepareConfig) -> Path:
     return Path(config.dataset_dir) / "refer_seg" / "images" / "saiapr_tc-12"
-
-
-def saiapr_key(file_name: str) -> str:
-    """``NN/images/x.jpg`` from any path ending in it."""
-    parts = Path(file_name).parts
-    return "/".join(parts[-3:])
 
 
 def split_jobs(config: RefClefPrepareConfig) -> list[SplitJob]:

@@ -18,16 +18,21 @@ from pathlib import Path
 
 import numpy as np
 
-from prepare_datasets.annotations import (
-    TargetImage,
+from prepare_datasets.annotations import TargetImage, items_by_name
+from prepare_datasets.proposals.runner import (
+    ImageItem,
+    PrepareConfig,
+    SplitJob,
+    SplitSummary,
+    run_prepare,
+)
+from utils.annotations import (
     annotation_mask,
     coco_images,
-    items_by_name,
     list_image_files,
     load_json,
     load_refs_pickle,
 )
-from prepare_datasets.runner import ImageItem, PrepareConfig, SplitJob, SplitSummary, run_prepare
 from utils.config import parse_config
 from utils.logging_setup import setup_logging
 

@@ -3,7 +3,7 @@
 Scenes hold 3-6 flat-coloured shapes (circle, ring, square, triangle, hexagon, star, cross) of
 several colours, sizes, rotations and positions over textured backgrounds, some overlapping. Each
 image comes with one query whose answer is unique in its scene (see
-`prepare_datasets.synthetic_queries`): attribute, function, geometry, comparison or spatial, in
+`prepare_datasets.synthetic.queries`): attribute, function, geometry, comparison or spatial, in
 short (phrase) or long (sentence) form, with several phrasings. Query types and forms are
 balanced within every split.
 
@@ -51,14 +51,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from prepare_datasets.synthetic_queries import (
+from prepare_datasets.synthetic.queries import (
     QUERY_TYPES,
     Query,
     candidate_queries,
     choose_query,
     phrase_query,
 )
-from prepare_datasets.synthetic_scenes import (
+from prepare_datasets.synthetic.scenes import (
     BACKGROUNDS,
     SHAPES,
     ObjectGeometry,

@@ -15,15 +15,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prepare_datasets.annotations import (
-    TargetImage,
-    coco_images,
-    coco_targets,
-    items_by_name,
-    list_image_files,
-    load_json,
+from prepare_datasets.annotations import TargetImage, coco_targets, items_by_name
+from prepare_datasets.proposals.runner import (
+    ImageItem,
+    PrepareConfig,
+    SplitJob,
+    SplitSummary,
+    run_prepare,
 )
-from prepare_datasets.runner import ImageItem, PrepareConfig, SplitJob, SplitSummary, run_prepare
+from utils.annotations import coco_images, list_image_files, load_json
 from utils.config import parse_config
 from utils.logging_setup import setup_logging
 

@@ -17,12 +17,12 @@ import chat
 import eval as eval_script
 from model.builder import LLMSegConfig, build_llm_seg, setup_trainable, tiny_llm_seg_config
 from model.export import ExportManifest, describe_model, save_export
+from model.inference import NO_SEG_NOTE, build_question
 from tests.data_fixtures import write_reason_seg
 from utils.data.builders import build_encoder, build_eval_dataset
 from utils.data.conversation import VALIDATION_ANSWER
 from utils.data.images import ImageReadError
 from utils.data.samples import collate
-from utils.inference import NO_SEG_NOTE, build_question
 from utils.proposal_store import ProposalReader
 
 QUERY = "the red object that stands out"

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prepare_datasets.synthetic_queries import QUERY_TYPES
+from prepare_datasets.synthetic.queries import QUERY_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {

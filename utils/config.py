@@ -109,14 +109,20 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return convert(config)
 
 
-def save_config(config: Any, path: str | os.PathLike) -> Path:
-    """Write the resolved config as JSON (atomically), so every run records how it was made."""
+def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
+    """Write ``data`` as indented, key-sorted JSON through a temporary file and one rename, so a
+    reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def save_config(config: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as JSON (atomically), so every run records how it was made."""
+    return write_json_atomic(config_to_dict(config), path)
 
 
 def load_config(config_cls: type[T], path: str | os.PathLike) -> T:

@@ -1,7 +1,8 @@
 """Proposal store: SAM "segment everything" masks of a dataset split, on disk and in memory.
 
-`ImageProposals` is one image's proposals in memory; generators (`prepare_datasets/proposals.py`,
-`prepare_datasets/weightfree_proposals.py`) return it and the readers below give it back.
+`ImageProposals` is one image's proposals in memory; generators
+(`prepare_datasets/proposals/generator.py`, `prepare_datasets/proposals/weightfree.py`) return it
+and the readers below give it back.
 
 On disk, a split directory under ``--sam_masks_dir`` (e.g. ``coco2014/``, ``ade20k/``,
 ``reason_seg/ReasonSeg/val/``) holds ``masks.h5`` (ours, written by the prepare scripts) and,

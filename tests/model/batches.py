@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from model.inputs import LLMSegBatch
-from model.losses import IGNORE_INDEX
-from model.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
+from model.heads.losses import IGNORE_INDEX
+from utils.batch import LLMSegBatch
+from utils.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 
 
 @dataclass

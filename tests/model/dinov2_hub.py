@@ -1,7 +1,7 @@
 """Writing a ``Dinov2Model`` as the official hub checkpoint (``dinov2_vit*14_pretrain.pth``).
 
-The inverse of ``model.dinov2.convert_dinov2_hub_state``, written out independently so the tests
-check the mapping rather than re-derive it.
+The inverse of ``model.backbones.dinov2.convert_dinov2_hub_state``, written out independently so
+the tests check the mapping rather than re-derive it.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from transformers import Dinov2Config, Dinov2Model
 
+from model.backbones.llava_checkpoint import save_llava_transformers
 from model.builder import (
     CONFIG_ALIASES,
     LLMSegConfig,
@@ -16,13 +17,12 @@ from model.builder import (
     setup_trainable,
     tiny_llm_seg_config,
 )
-from model.llava_checkpoint import save_llava_transformers
 from model.tiny import build_tiny_llava
-from model.tokenizer import SEG_TOKEN
 from tests.model.batches import BatchSpec, make_batch
 from tests.model.dinov2_hub import hub_state_of
 from utils.checkpoint import CheckpointError
 from utils.config import parse_config
+from utils.tokenizer import SEG_TOKEN
 
 
 def test_config_parses_upstream_spellings():

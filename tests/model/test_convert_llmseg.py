@@ -19,6 +19,8 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from model.backbones.llava_checkpoint import save_llava_original
+from model.backbones.sam import load_sam
 from model.builder import build_llm_seg, setup_trainable, tiny_llm_seg_config
 from model.convert_llmseg_checkpoint import (
     ConvertConfig,
@@ -28,24 +30,22 @@ from model.convert_llmseg_checkpoint import (
     reorder_vocabulary_rows,
 )
 from model.export import load_exported
-from model.legacy_tokenizer import LegacyLlamaTokenizer
-from model.llava_checkpoint import save_llava_original
-from model.sam import load_sam
+from model.inference import InferenceSettings, Segmenter, readable_ids
 from model.tiny import build_tiny_llava, train_tiny_tokenizer
-from model.tokenizer import (
+from tests.model.batches import BatchSpec, make_batch
+from tests.model.dinov2_hub import hub_state_of
+from tests.utils.test_legacy_tokenizer import CASES, REFERENCE, encode_like_upstream
+from utils.checkpoint import CheckpointError
+from utils.config import parse_config
+from utils.data.conversation import VALIDATION_ANSWER
+from utils.legacy_tokenizer import LegacyLlamaTokenizer
+from utils.tokenizer import (
     IMAGE_END_TOKEN,
     IMAGE_START_TOKEN,
     IMAGE_TOKEN,
     SEG_TOKEN,
     load_tokenizer,
 )
-from tests.model.batches import BatchSpec, make_batch
-from tests.model.dinov2_hub import hub_state_of
-from tests.model.test_legacy_tokenizer import CASES, REFERENCE, encode_like_upstream
-from utils.checkpoint import CheckpointError
-from utils.config import parse_config
-from utils.data.conversation import VALIDATION_ANSWER
-from utils.inference import InferenceSettings, Segmenter, readable_ids
 
 PEFT = "base_model.model."
 SENTENCEPIECE_TOKENIZER = (
@@ -139,7 +139,7 @@ def write_deepspeed_save(folder, module: dict, step: int = 5000) -> None:
 def sentencepiece_base_folder(folder: Path) -> Path:
     """A LLaVA-Lightning-style tokenizer folder: a sentencepiece ``tokenizer.model`` saved by
     transformers 4.31 with ``<im_patch>``, ``<im_start>``, ``<im_end>`` added, no ``[SEG]`` and
-    no ``tokenizer.json`` (the test data of ``tests/model/test_legacy_tokenizer.py``)."""
+    no ``tokenizer.json`` (the test data of ``tests/utils/test_legacy_tokenizer.py``)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(SENTENCEPIECE_TOKENIZER / name, folder / name)

@@ -300,8 +300,8 @@ def test_two_rank_zero3_run_exports(tiny_checkpoints, tmp_path):
 
 def test_vision_tower_from_a_transformers_llava_folder(tmp_path):
     """A LLaVA-1.5 base in the transformers layout holds its CLIP: the export can point there."""
+    from model.backbones.llava_checkpoint import save_llava_transformers
     from model.export import load_vision_tower
-    from model.llava_checkpoint import save_llava_transformers
     from model.tiny import build_tiny_llava
 
     backbone, tokenizer, _ = build_tiny_llava(projector_type="mlp2x_gelu")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from model.builder import build_llm_seg, merge_lora_weights, setup_trainable, tiny_llm_seg_config
-from model.inputs import LLMSegBatch
 from model.tiny import TinySizes, write_tiny_checkpoints
-from model.tokenizer import SEG_TOKEN
 from tests.model.batches import BatchSpec, make_batch
+from utils.batch import LLMSegBatch
+from utils.tokenizer import SEG_TOKEN
 
 TWO_IMAGES = BatchSpec(rows=[[1], [1, 2, 0]], proposals=[4, 7])
 

@@ -6,17 +6,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.dinov2 import load_dinov2_folder
-from model.llava_checkpoint import load_clip_vision_tower, load_llava_original
-from model.sam import load_sam
+from model.backbones.dinov2 import load_dinov2_folder
+from model.backbones.llava_checkpoint import load_clip_vision_tower, load_llava_original
+from model.backbones.sam import load_sam
 from model.tiny import (
     build_tiny_dinov2,
     build_tiny_llava,
     tiny_sam_architecture,
     write_tiny_checkpoints,
 )
-from model.tokenizer import IMAGE_TOKEN, SEG_TOKEN
 from utils.checkpoint import CheckpointError
+from utils.tokenizer import IMAGE_TOKEN, SEG_TOKEN
 
 
 def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:

@@ -16,7 +16,7 @@ from prepare_datasets import (
 )
 from prepare_datasets.convert_h5_to_json import ConvertConfig
 from prepare_datasets.convert_h5_to_json import main as convert_main
-from prepare_datasets.runner import run_prepare
+from prepare_datasets.proposals.runner import run_prepare
 from tests.prepare_datasets.fixtures import BoxGenerator, write_image
 from utils.masks import encode_rles
 from utils.proposal_store import ProposalReader, build_proposal_sample

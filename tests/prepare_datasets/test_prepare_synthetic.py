@@ -18,8 +18,8 @@ from prepare_datasets.prepare_synthetic import (
     main,
     query_schedule,
 )
-from prepare_datasets.synthetic_queries import QUERY_TYPES, candidate_queries
-from prepare_datasets.synthetic_scenes import (
+from prepare_datasets.synthetic.queries import QUERY_TYPES, candidate_queries
+from prepare_datasets.synthetic.scenes import (
     COLOUR_RGB,
     SHAPES,
     SceneObject,

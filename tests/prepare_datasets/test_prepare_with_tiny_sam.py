@@ -3,7 +3,7 @@
 import numpy as np
 
 from prepare_datasets.prepare_reason_seg import ReasonSegPrepareConfig, main
-from prepare_datasets.runner import make_generator, prepare_image
+from prepare_datasets.proposals.runner import make_generator, prepare_image
 from tests.prepare_datasets.fixtures import write_image
 from utils.proposal_store import ProposalReader
 

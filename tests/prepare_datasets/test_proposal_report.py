@@ -5,7 +5,7 @@ import torch
 
 from prepare_datasets import prepare_reason_seg
 from prepare_datasets.proposal_report import ReportConfig, greedy_union_iou, main
-from prepare_datasets.runner import run_prepare
+from prepare_datasets.proposals.runner import run_prepare
 from tests.prepare_datasets.fixtures import BoxGenerator, write_image
 
 # Target = A | B (200 px). Proposals: image (2400 px), A, B, C = x0-29 (300 px, holds A only).

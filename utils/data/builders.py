@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.legacy_tokenizer import resolve_tokenization
 from utils.data.conversation import conversation_format
 from utils.data.images import clip_image_processor
 from utils.data.llmseg40k import LLMSeg40KSource, llmseg40k_eval_record, load_llmseg40k_split
@@ -27,6 +26,7 @@ from utils.data.refer_seg import SPLIT_BY, load_refer_split, load_refer_train, r
 from utils.data.samples import EncoderSettings, SampleEncoder
 from utils.data.sem_seg import SemSegSource, load_sem_seg_datasets
 from utils.data.vqa import VQASource, load_vqa
+from utils.legacy_tokenizer import resolve_tokenization
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def build_encoder(config, tokenizer, num_image_tokens: int) -> SampleEncoder:
 
     ``config`` carries the :class:`DataConfig` fields plus the model's ``vision_tower``,
     ``dino_image_size``, ``proposal_map_size``, ``model_max_length`` and ``tokenization``
-    (``auto`` when absent: see :func:`~model.legacy_tokenizer.resolve_tokenization`).
+    (``auto`` when absent: see :func:`~utils.legacy_tokenizer.resolve_tokenization`).
     """
     settings = EncoderSettings(
         num_image_tokens=num_image_tokens,

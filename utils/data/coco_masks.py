@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from prepare_datasets.annotations import annotation_mask
+from utils.annotations import annotation_mask
 from utils.text_files import DatasetFormatError
 
 

@@ -12,7 +12,7 @@ and their ``</s>``. A conversation longer than ``max_length`` is never truncated
 
 Two tokenizations (the checkpoint's ``tokenization`` setting): ``hf`` tokenises the rendered text
 with the ``transformers`` tokenizer; ``llava_legacy`` reproduces upstream's slow LLaMA tokenizer
-token for token (:mod:`model.legacy_tokenizer`), which checkpoints trained upstream need.
+token for token (:mod:`utils.legacy_tokenizer`), which checkpoints trained upstream need.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.legacy_tokenizer import LegacyLlamaTokenizer
-from model.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
+from utils.legacy_tokenizer import LegacyLlamaTokenizer
+from utils.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 
 IGNORE_INDEX = -100
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from prepare_datasets.annotations import oriented_size
+from utils.annotations import oriented_size
 from utils.proposal_store import ProposalReader
 from utils.text_files import DatasetFormatError
 

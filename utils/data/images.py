@@ -1,4 +1,4 @@
-"""Reading images robustly and preparing the CLIP input stream.
+"""Reading images robustly and preparing the CLIP and DINOv2 input streams.
 
 Every loader and preprocessor reads images through :func:`load_rgb_image`, so EXIF rotation,
 grayscale, palette, RGBA and 16-bit files behave the same everywhere, and a broken file gives one
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from segment_anything.utils.transforms import ResizeLongestSide
 from transformers import CLIPImageProcessor
 
 # Decompression-bomb guard: far above any dataset image (an 8000 px photo is 64 MP).
@@ -78,3 +79,35 @@ def clip_image_processor(
 def preprocess_for_clip(processor: CLIPImageProcessor, image: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` uint8 RGB -> ``(3, S, S)`` float32 CLIP input."""
     return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+# ImageNet statistics on the 0-255 scale, as upstream (and SAM) use them.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+DEFAULT_DINO_IMAGE_SIZE = 896
+
+
+def preprocess_for_dinov2(
+    image: np.ndarray, size: int = DEFAULT_DINO_IMAGE_SIZE
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize, normalise and pad one RGB image for DINOv2.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        size: output side; the longest image side is resized to it (SAM's ``ResizeLongestSide``
+            rule and resampling), the rest is zero-padded bottom/right after normalisation.
+    Returns:
+        ``(pixels, (h, w))``: ``(3, size, size)`` float32 and the resized image's size inside it.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}"
+        )
+    resized = ResizeLongestSide(size).apply_image(image)
+    height, width = resized.shape[:2]
+    pixels = torch.from_numpy(resized).permute(2, 0, 1).float()
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    padded = torch.zeros(3, size, size)
+    padded[:, :height, :width] = (pixels - mean) / std
+    return padded, (height, width)

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from prepare_datasets.annotations import load_json
+from utils.annotations import load_json
 from utils.data.coco_masks import png_masks, rle_masks
 from utils.data.conversation import (
     ANSWER_TEMPLATES,

@@ -35,8 +35,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from prepare_datasets.annotations import coco_images, load_json, load_refs_pickle
-from prepare_datasets.prepare_refclef import saiapr_key
+from utils.annotations import coco_images, load_json, load_refs_pickle, saiapr_key
 from utils.data.coco_masks import annotation_masks
 from utils.data.conversation import (
     ANSWER_TEMPLATES,

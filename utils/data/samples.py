@@ -16,10 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.features import preprocess_for_dinov2
-from model.inputs import LLMSegBatch
-from model.legacy_tokenizer import LegacyLlamaTokenizer
-from model.tokenizer import SEG_TOKEN
+from utils.batch import LLMSegBatch
 from utils.data.conversation import (
     IGNORE_INDEX,
     ConversationFormat,
@@ -27,8 +24,10 @@ from utils.data.conversation import (
     SequenceTooLong,
     encode_conversation,
 )
-from utils.data.images import load_rgb_image, preprocess_for_clip
+from utils.data.images import load_rgb_image, preprocess_for_clip, preprocess_for_dinov2
+from utils.legacy_tokenizer import LegacyLlamaTokenizer
 from utils.proposal_store import ProposalReader, build_proposal_sample
+from utils.tokenizer import SEG_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class EncoderSettings:
     antialias: bool = True
     use_im_start_end: bool = True
     model_max_length: int = 512
-    tokenization: str = "hf"  # or "llava_legacy" (model.legacy_tokenizer)
+    tokenization: str = "hf"  # or "llava_legacy" (utils.legacy_tokenizer)
 
 
 class SampleEncoder:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from prepare_datasets.annotations import list_image_files, load_json
+from utils.annotations import list_image_files, load_json
 from utils.data.class_names import (
     IGNORE_LABEL,
     ade20k_classes,

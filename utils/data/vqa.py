@@ -26,12 +26,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.tokenizer import IMAGE_TOKEN, SEG_TOKEN
-from prepare_datasets.annotations import load_json
+from utils.annotations import load_json
 from utils.data.conversation import SequenceTooLong
 from utils.data.dataset_files import keep_available
 from utils.data.samples import SegmentationRecord
 from utils.text_files import DatasetFormatError
+from utils.tokenizer import IMAGE_TOKEN, SEG_TOKEN
 
 logger = logging.getLogger(__name__)
 

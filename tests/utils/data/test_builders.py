@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from model.llava_checkpoint import save_llava_transformers
+from model.backbones.llava_checkpoint import save_llava_transformers
 from model.tiny import build_tiny_llava
 from utils.data.builders import _clip_folder_and_size
 

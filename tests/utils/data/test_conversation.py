@@ -1,6 +1,5 @@
 import pytest
 
-from model.tokenizer import IMAGE_TOKEN, SEG_TOKEN, train_tiny_tokenizer
 from utils.data.conversation import (
     CONVERSATION_FORMATS,
     IGNORE_INDEX,
@@ -8,6 +7,7 @@ from utils.data.conversation import (
     encode_conversation,
     render,
 )
+from utils.tokenizer import IMAGE_TOKEN, SEG_TOKEN, train_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

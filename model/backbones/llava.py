@@ -5,7 +5,7 @@ Images enter the language model the way ``transformers``' own Llava does it: the
 input embeddings at exactly those positions (``masked_scatter``). Every later position, including
 ``[SEG]``, is therefore found from the token ids alone, with no hard-coded offset.
 
-On-disk layouts are read and written by :mod:`model.llava_checkpoint`.
+On-disk layouts are read and written by :mod:`model.backbones.llava_checkpoint`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.builder import LLMSegConfig
-from model.mask_geometry import (
+from model.heads.mask_geometry import (
     NUM_SCALAR_DESCRIPTORS,
     RADIAL_HARMONICS,
     MaskGeometryEmbedding,
@@ -16,7 +16,7 @@ from model.mask_geometry import (
     mask_geometry_descriptors,
     radial_shape_descriptors,
 )
-from model.proposal_scorer import ProposalScorer, ProposalScorerConfig
+from model.heads.proposal_scorer import ProposalScorer, ProposalScorerConfig
 from utils.config import parse_config
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from utils.evaluation import MIN_PANEL_SIDE, save_visualization
+from model.evaluation import MIN_PANEL_SIDE, save_visualization
 
 
 def test_small_picture_is_enlarged_by_a_whole_factor_with_exact_masks(tmp_path):

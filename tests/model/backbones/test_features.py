@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.features import PIXEL_MEAN, PIXEL_STD, DinoFeatureExtractor, preprocess_for_dinov2
+from model.backbones.features import DinoFeatureExtractor
 from model.tiny import build_tiny_dinov2
+from utils.data.images import PIXEL_MEAN, PIXEL_STD, preprocess_for_dinov2
 
 
 def test_preprocess_resizes_longest_side_normalises_and_pads_with_zeros():

@@ -31,8 +31,7 @@ from transformers import (
     LlavaConfig,
 )
 
-from model.llava import LlavaBackbone, build_projector
-from model.tokenizer import IMAGE_TOKEN, add_llm_seg_tokens, load_tokenizer
+from model.backbones.llava import LlavaBackbone, build_projector
 from utils.checkpoint import (
     CheckpointError,
     load_state_dict,
@@ -41,6 +40,7 @@ from utils.checkpoint import (
     resolve_weight_files,
     save_state_dict,
 )
+from utils.tokenizer import IMAGE_TOKEN, add_llm_seg_tokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

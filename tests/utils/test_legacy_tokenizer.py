@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from model.legacy_tokenizer import (
+from utils.data.conversation import CONVERSATION_FORMATS, encode_conversation
+from utils.legacy_tokenizer import (
     LegacyLlamaTokenizer,
     resolve_tokenization,
     sentencepiece_file,
 )
-from model.tokenizer import IMAGE_TOKEN, SEG_TOKEN, add_llm_seg_tokens, load_tokenizer
-from utils.data.conversation import CONVERSATION_FORMATS, encode_conversation
+from utils.tokenizer import IMAGE_TOKEN, SEG_TOKEN, add_llm_seg_tokens, load_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "upstream_tokenization"
 REFERENCE = json.loads((DATA / "reference_ids.json").read_text())

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from model.tiny import build_tiny_llava
-from model.tokenizer import SEG_TOKEN
 from tests.model.batches import BatchSpec, make_batch
+from utils.tokenizer import SEG_TOKEN
 
 
 @pytest.fixture(scope="module")

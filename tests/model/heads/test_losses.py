@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from model.losses import IGNORE_INDEX, alignment_loss, iop_regression_loss, language_model_loss
+from model.heads.losses import (
+    IGNORE_INDEX,
+    alignment_loss,
+    iop_regression_loss,
+    language_model_loss,
+)
 
 
 def test_language_model_loss_is_shifted_and_ignores_minus_100():

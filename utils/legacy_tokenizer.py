@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.tokenizer import IMAGE_TOKEN
+from utils.tokenizer import IMAGE_TOKEN
 
 TOKENIZATIONS = ("llava_legacy", "hf")
 SENTENCEPIECE_FILE = "tokenizer.model"

@@ -10,12 +10,12 @@ reference throws away or recomputes:
 1. every prompt-independent part of the mask decoder (image tokens, positional encoding,
    first-block projections) is computed once per image instead of once per prompt, and the
    decoder's image-side attention is regrouped so that no per-prompt projection of the 4096 image
-   tokens is formed (`prepare_datasets.batched_mask_decoder`);
+   tokens is formed (`prepare_datasets.proposals.batched_mask_decoder`);
 2. the predicted IoU comes from the decoder's tokens, so masks below ``pred_iou_thresh`` are
    dropped *before* the transposed-convolution upscaling and before upsampling to image size
    (the reference upscales and upsamples all 3 masks of every prompt, then filters);
 3. the stability score, thresholds and boxes are computed on the survivors only, with the
-   reference's exact interpolation (bit-identical values, `prepare_datasets.mask_postprocess`);
+   reference's exact interpolation (bit-identical values, `prepare_datasets.proposals.postprocess`);
 4. a batch's masks are RLE-encoded in one pycocotools call instead of run by run in Python.
 
 What remains is the encoder pass (the same call as the reference's, so the same embedding),
@@ -38,9 +38,9 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from model.sam import load_sam
-from prepare_datasets.batched_mask_decoder import BatchedMaskDecoder, ImageTokens
-from prepare_datasets.mask_postprocess import (
+from model.backbones.sam import load_sam
+from prepare_datasets.proposals.batched_mask_decoder import BatchedMaskDecoder, ImageTokens
+from prepare_datasets.proposals.postprocess import (
     CandidateMasks,
     box_nms_order,
     remove_small_regions,
@@ -373,7 +373,7 @@ def build_generator(config: GeneratorConfig, sam: Sam | None = None) -> Proposal
     if config.backend not in BACKENDS:
         raise ValueError(f"unknown proposal backend {config.backend!r}; expected {BACKENDS}")
     if config.backend == "weightfree":
-        from prepare_datasets.weightfree_proposals import WeightFreeGenerator
+        from prepare_datasets.proposals.weightfree import WeightFreeGenerator
 
         return WeightFreeGenerator(config)
     device = resolve_device(config.device)

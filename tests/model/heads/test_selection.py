@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.selection import select_mask, select_proposals
+from model.heads.selection import select_mask, select_proposals
 
 SIMILARITY = torch.tensor([0.1, 0.9, 0.3, 0.8, -0.2, 0.5])
 IOP = torch.tensor([0.7, 0.2, 0.6, 0.55, 0.9, 0.1])

@@ -9,7 +9,6 @@ and the totals are all-reduced, so any number of processes gives the same number
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.selection import select_mask
+from model.heads.selection import select_mask
+from utils.config import write_json_atomic
 from utils.data.images import load_rgb_image
 from utils.data.samples import EncodedSample, SegmentationRecord, collate
 from utils.distributed import barrier, is_main_process, rank, world_size
@@ -31,20 +31,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SelectionSettings:
-    """How scores become a mask at evaluation time (see ``model.selection``)."""
+    """How scores become a mask at evaluation time (see ``model.heads.selection``)."""
 
     strategy: str = "iop"
     threshold: float = 0.5
     top_k: int = 5
-
-
-def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:

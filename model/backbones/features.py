@@ -9,42 +9,9 @@ patch size work.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 from transformers import Dinov2Model
-
-# ImageNet statistics on the 0-255 scale, as upstream (and SAM) use them.
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-DEFAULT_DINO_IMAGE_SIZE = 896
-
-
-def preprocess_for_dinov2(
-    image: np.ndarray, size: int = DEFAULT_DINO_IMAGE_SIZE
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize, normalise and pad one RGB image for DINOv2.
-
-    Args:
-        image: ``(H, W, 3)`` uint8 RGB.
-        size: output side; the longest image side is resized to it (SAM's ``ResizeLongestSide``
-            rule and resampling), the rest is zero-padded bottom/right after normalisation.
-    Returns:
-        ``(pixels, (h, w))``: ``(3, size, size)`` float32 and the resized image's size inside it.
-    """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
-            f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}"
-        )
-    resized = ResizeLongestSide(size).apply_image(image)
-    height, width = resized.shape[:2]
-    pixels = torch.from_numpy(resized).permute(2, 0, 1).float()
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    padded = torch.zeros(3, size, size)
-    padded[:, :height, :width] = (pixels - mean) / std
-    return padded, (height, width)
 
 
 class DinoFeatureExtractor(nn.Module):

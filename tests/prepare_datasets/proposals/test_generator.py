@@ -13,27 +13,27 @@ import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamPredictor
 
-from model.sam import build_sam
+from model.backbones.sam import build_sam
 from model.tiny import tiny_sam_architecture
-from prepare_datasets.batched_mask_decoder import BatchedMaskDecoder
-from prepare_datasets.mask_postprocess import (
-    encode_masks,
-    masks_to_boxes_xyxy,
-    remove_small_regions,
-    stability_scores,
-    upscale_logits,
-)
-from prepare_datasets.proposals import (
+from prepare_datasets.proposals.batched_mask_decoder import BatchedMaskDecoder
+from prepare_datasets.proposals.generator import (
     FastSamGenerator,
     GeneratorConfig,
     ReferenceSamGenerator,
     build_generator,
     point_grid,
 )
+from prepare_datasets.proposals.postprocess import (
+    encode_masks,
+    masks_to_boxes_xyxy,
+    remove_small_regions,
+    stability_scores,
+    upscale_logits,
+)
 from utils.config import parse_config
 from utils.proposal_store import ImageProposals
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +324,7 @@ def test_build_generator_backends_and_errors(tiny_checkpoints):
 
 
 def test_weightfree_backend_is_built_lazily():
-    from prepare_datasets.weightfree_proposals import WeightFreeGenerator
+    from prepare_datasets.proposals.weightfree import WeightFreeGenerator
 
     assert isinstance(build_generator(GeneratorConfig(backend="weightfree")), WeightFreeGenerator)
 

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from prepare_datasets.staging import (
+from prepare_datasets.proposals.staging import (
     StagedImage,
     StagingLog,
     decode_record,

@@ -12,7 +12,8 @@ and ``(key, path)`` pairs, the key being the name the data loaders look up) and 
   before are retried;
 - each image is read with its EXIF orientation, converted to 8-bit RGB, shrunk so its longest
   side is <= ``--max_side`` (1024, ``INTER_AREA``), then given to the generator; the result, or
-  the reason it failed, is appended to this shard's crash-safe log (`prepare_datasets.staging`);
+  the reason it failed, is appended to this shard's crash-safe log
+  (`prepare_datasets.proposals.staging`);
 - the shard that finds every listed image finished merges the logs into ``masks.h5``; until
   then ``--merge_only`` builds a store from whatever is finished;
 - a summary lists every failed image and why; nothing is skipped silently.
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from prepare_datasets.staging import StagedImage, StagingLog, merge_split, split_state
+from prepare_datasets.proposals.staging import StagedImage, StagingLog, merge_split, split_state
 from utils.config import save_config
 from utils.data.images import ImageReadError, load_rgb_image
 from utils.masks import resize_longest_side
@@ -152,13 +153,14 @@ def generator_settings(config: PrepareConfig) -> dict:
 
 
 def make_generator(config: PrepareConfig) -> Generator:
-    """The proposal generator the config asks for (`prepare_datasets.proposals.build_generator`;
-    the weight-free backend is built directly, so it never imports SAM code)."""
+    """The proposal generator the config asks for (``build_generator`` of
+    `prepare_datasets.proposals.generator`; the weight-free backend is built directly, so it never
+    imports SAM code)."""
     if config.backend == "weightfree":
-        from prepare_datasets.weightfree_proposals import WeightFreeGenerator
+        from prepare_datasets.proposals.weightfree import WeightFreeGenerator
 
         return WeightFreeGenerator(config)
-    from prepare_datasets.proposals import GeneratorConfig, build_generator
+    from prepare_datasets.proposals.generator import GeneratorConfig, build_generator
 
     return build_generator(
         GeneratorConfig(

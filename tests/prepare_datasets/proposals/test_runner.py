@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from prepare_datasets.prepare_reason_seg import ReasonSegPrepareConfig, main
-from prepare_datasets.runner import (
+from prepare_datasets.proposals.runner import (
     PAUSE_ENV,
     ImageItem,
     PrepareConfig,
@@ -18,11 +18,11 @@ from prepare_datasets.runner import (
     resolve_shard,
     run_prepare,
 )
-from prepare_datasets.staging import scan_log
+from prepare_datasets.proposals.staging import scan_log
 from tests.prepare_datasets.fixtures import BoxGenerator, store_content, write_image
 from utils.proposal_store import ProposalReader
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 NUM_IMAGES = 7
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.proposal_scorer import ProposalScorer, ProposalScorerConfig
+from model.heads.proposal_scorer import ProposalScorer, ProposalScorerConfig
 
 SMALL = ProposalScorerConfig(feature_dim=12, embed_dim=16, num_heads=2, mlp_dim=24, map_size=8)
 

@@ -1,4 +1,4 @@
-from model.tokenizer import (
+from utils.tokenizer import (
     IMAGE_END_TOKEN,
     IMAGE_START_TOKEN,
     IMAGE_TOKEN,

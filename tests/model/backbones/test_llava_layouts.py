@@ -21,16 +21,16 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from model.dinov2 import dinov2_config_from_hub_state, load_dinov2, load_dinov2_hub
-from model.llava_checkpoint import (
+from model.backbones.dinov2 import dinov2_config_from_hub_state, load_dinov2, load_dinov2_hub
+from model.backbones.llava_checkpoint import (
     detect_llava_layout,
     load_llava,
     save_llava_transformers,
 )
 from model.tiny import build_tiny_dinov2, build_tiny_llava, write_tiny_checkpoints
-from model.tokenizer import IMAGE_TOKEN
 from tests.model.dinov2_hub import hub_state_of
 from utils.checkpoint import CheckpointError, load_state_dict
+from utils.tokenizer import IMAGE_TOKEN
 
 ATOL = 1e-5
 

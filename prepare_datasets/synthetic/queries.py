@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prepare_datasets.synthetic_scenes import ObjectGeometry, SceneObject
+from prepare_datasets.synthetic.scenes import ObjectGeometry, SceneObject
 
 QUERY_TYPES = ("attribute", "function", "geometry", "comparison", "spatial")
 

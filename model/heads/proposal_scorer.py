@@ -36,7 +36,7 @@ Every attention is ``segment_anything``'s ``Attention`` (``q_proj``/``k_proj``/`
 ``out_proj``), which is why LoRA must be restricted to the language model.
 
 Option (off by default, so the paper's model and its checkpoints are unchanged):
-``geometry_embedding`` adds a :class:`~model.mask_geometry.MaskGeometryEmbedding` of each
+``geometry_embedding`` adds a :class:`~model.heads.mask_geometry.MaskGeometryEmbedding` of each
 proposal's weight map (size, centroid, box, box-normalised shape, rotation-invariant outline) to
 its pooled feature, in :meth:`ProposalScorer.proposal_features`; its parameters live under
 ``geometry_embedding.*``.
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import nn
 
-from model.mask_geometry import MaskGeometryEmbedding
+from model.heads.mask_geometry import MaskGeometryEmbedding
 
 
 @dataclass

@@ -24,11 +24,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
-from model.features import preprocess_for_dinov2
-from model.inputs import LLMSegBatch
-from model.legacy_tokenizer import LegacyLlamaTokenizer, resolve_tokenization
-from model.selection import SELECTION_STRATEGIES
-from model.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
+from model.heads.selection import SELECTION_STRATEGIES
+from utils.batch import LLMSegBatch
 from utils.data.conversation import (
     VALIDATION_ANSWER,
     VALIDATION_LONG_QUESTION,
@@ -36,9 +33,11 @@ from utils.data.conversation import (
     conversation_format,
     encode_conversation,
 )
-from utils.data.images import clip_image_processor, preprocess_for_clip
+from utils.data.images import clip_image_processor, preprocess_for_clip, preprocess_for_dinov2
+from utils.legacy_tokenizer import LegacyLlamaTokenizer, resolve_tokenization
 from utils.masks import resize_longest_side
 from utils.proposal_store import ImageProposals, ProposalReader, build_proposal_sample
+from utils.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from prepare_datasets.prepare_reason_seg import ReasonSegPrepareConfig
-from prepare_datasets.runner import make_generator
-from prepare_datasets.weightfree_proposals import WeightFreeGenerator
+from prepare_datasets.proposals.runner import make_generator
+from prepare_datasets.proposals.weightfree import WeightFreeGenerator
 from utils.masks import mask_iou_iop
 
 
