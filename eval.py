@@ -28,10 +28,12 @@ from model.evaluation import SelectionSettings, evaluate, score_prediction_folde
 from model.export import load_exported
 from utils.config import parse_config, save_config
 from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, eval_records
+from utils.data.mrseg import load_mrseg, mrseg_report
 from utils.device import resolve_device, resolve_dtype
 from utils.distributed import init_process_group, is_main_process
 from utils.legacy_tokenizer import resolve_tokenization
 from utils.logging_setup import setup_logging
+from utils.round_scoring import score_multi_round_predictions
 from utils.run_checkpoints import load_trainable_weights
 
 logger = logging.getLogger("eval")
@@ -71,6 +73,11 @@ def main(config: EvalConfig) -> dict:
     if config.pred_dir:
         out_json = Path(config.out_json or Path(config.out_dir) / "metrics.json")
         save_config(config, out_json.with_name("eval_config.json"))
+        if config.val_dataset.lower().startswith("mrseg|"):  # multi-round: per-round folders
+            stem = config.val_dataset.split("|", 1)[1]
+            records = load_mrseg(config.dataset_dir, stem, None, strict=True)
+            report = mrseg_report(config.dataset_dir, stem)
+            return score_multi_round_predictions(records, config.pred_dir, out_json, report)
         records = eval_records(config, config.val_dataset, with_proposals=False)
         return score_prediction_folder(records, config.pred_dir, out_json)
 
@@ -105,6 +112,7 @@ def main(config: EvalConfig) -> dict:
         tokenizer.pad_token_id,
         config.out_dir,
         visualize=-1 if config.visualize else 0,
+        history=config.history,
     )
     logger.info(
         "%s: gIoU %.4f  cIoU %.4f  ncIoU %.4f  (%d images)",

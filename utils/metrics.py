@@ -176,3 +176,154 @@ class SegmentationMetrics:
             )
             results[f"{prefix}num_images"] = int(totals.num_images)
         return results
+
+
+# --- Multi-round (SegLLM / MRSeg) metrics -------------------------------------------------------
+
+Box = tuple[int, int, int, int]
+EMPTY_BOX: Box = (0, 0, 0, 0)
+BOX_HIT_THRESHOLD = 0.5  # a hit needs box IoU strictly above it (SegLLM's P@0.5)
+
+
+def mask_box(mask: np.ndarray | torch.Tensor) -> Box:
+    """Tight box ``(xmin, ymin, xmax + 1, ymax + 1)`` of a ``(H, W)`` mask's nonzero pixels
+    (detectron2's ``BitMasks.get_bounding_boxes``, as SegLLM boxes its GT); empty -> ``(0,0,0,0)``.
+    """
+    mask = _as_tensor(mask) != 0
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    if len(rows) == 0:
+        return EMPTY_BOX
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def box_iou(first: Box, second: Box) -> float:
+    """IoU of two ``(x0, y0, x1, y1)`` boxes; 0 when either is empty (so never a hit)."""
+    area_first = max(first[2] - first[0], 0) * max(first[3] - first[1], 0)
+    area_second = max(second[2] - second[0], 0) * max(second[3] - second[1], 0)
+    if area_first == 0 or area_second == 0:
+        return 0.0
+    width = max(min(first[2], second[2]) - max(first[0], second[0]), 0)
+    height = max(min(first[3], second[3]) - max(first[1], second[1]), 0)
+    intersection = width * height
+    return intersection / (area_first + area_second - intersection)
+
+
+@dataclass
+class RoundScore:
+    """The numbers recorded for one round of one conversation (a row of the per-mask CSV)."""
+
+    name: str
+    round: int
+    iou: float
+    intersection: int
+    union: int
+    pred_box: Box
+    gt_box: Box
+    box_iou: float
+    hit: bool
+
+
+@dataclass
+class _RoundTotals:
+    iou_sum: float = 0.0
+    count: float = 0.0
+    intersection: float = 0.0
+    union: float = 0.0
+    hits: float = 0.0
+
+    def add(self, other: _RoundTotals) -> None:
+        self.iou_sum += other.iou_sum
+        self.count += other.count
+        self.intersection += other.intersection
+        self.union += other.union
+        self.hits += other.hits
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "giou": self.iou_sum / max(self.count, 1),
+            "ciou": self.intersection / (self.union + _CIOU_EPS),
+            "p_at_05": self.hits / max(self.count, 1),
+            "count": int(self.count),
+        }
+
+
+@dataclass
+class MultiRoundMetrics:
+    """Per-round gIoU / cIoU / P@0.5 of multi-round conversations (SegLLM's evaluation, at the
+    original resolution as a LISA-style model predicts; see ``reference/segllm-format.md`` §b).
+
+    Per round index r (1-based): gIoU is the mean per-mask IoU with :func:`image_iou` (so an
+    empty union scores 1, the convention of :class:`SegmentationMetrics`; SegLLM never has an
+    empty target), cIoU is ``ΣI / ΣU``, P@0.5 the fraction of rounds whose predicted mask's tight
+    box has box IoU strictly above 0.5 with the GT mask's tight box (an empty prediction has box
+    ``(0, 0, 0, 0)`` and never hits). Pixels labelled 255 in the GT are left out of I, U and the
+    predicted box. Totals are given over rounds >= 2 (those with history) and over all rounds.
+    """
+
+    rounds: dict[int, _RoundTotals] = field(default_factory=lambda: defaultdict(_RoundTotals))
+    scores: list[RoundScore] = field(default_factory=list)
+
+    def update(
+        self,
+        pred: np.ndarray | torch.Tensor,
+        gt: np.ndarray | torch.Tensor,
+        round_index: int,
+        name: str = "",
+    ) -> RoundScore:
+        """Score round ``round_index`` (1-based): ``pred`` binary at any size (resized nearest),
+        ``gt`` ``(H, W)`` in {0, 1, 255}."""
+        if round_index < 1:
+            raise ValueError(f"round indices are 1-based, got {round_index}")
+        gt = _as_tensor(gt)
+        valid = gt != IGNORE_LABEL
+        pred = resize_nearest(_as_tensor(pred) != 0, tuple(gt.shape)).bool() & valid
+        intersection, union = intersection_union(pred, gt)
+        pred_box, gt_box = mask_box(pred), mask_box((gt == 1) & valid)
+        overlap = box_iou(pred_box, gt_box)
+        score = RoundScore(
+            name, round_index, image_iou(intersection, union), intersection, union,
+            pred_box, gt_box, overlap, overlap > BOX_HIT_THRESHOLD,
+        )  # fmt: skip
+        totals = self.rounds[round_index]
+        totals.iou_sum += score.iou
+        totals.count += 1
+        totals.intersection += intersection
+        totals.union += union
+        totals.hits += score.hit
+        self.scores.append(score)
+        return score
+
+    def all_reduce(self, num_rounds: int) -> None:
+        """Sum rounds ``1..num_rounds`` across ranks (no-op without ``torch.distributed``);
+        every rank must pass the same ``num_rounds``."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        names = ("iou_sum", "count", "intersection", "union", "hits")
+        packed = torch.tensor(
+            [[getattr(self.rounds[r], n) for n in names] for r in range(1, num_rounds + 1)],
+            dtype=torch.float64,
+            device=collective_device(),
+        )
+        torch.distributed.all_reduce(packed)
+        for r, row in enumerate(packed.cpu().tolist(), start=1):
+            self.rounds[r] = _RoundTotals(*row)
+
+    def summary(self) -> dict:
+        """``{"per_round": [{"round", "giou", "ciou", "p_at_05", "count"}, ...],
+        "rounds_2plus": {...}, "overall": {...}}``; fractions in [0, 1], rounds ascending
+        (rounds no conversation reaches are left out)."""
+        per_round, later, overall = [], _RoundTotals(), _RoundTotals()
+        for r in sorted(self.rounds):
+            totals = self.rounds[r]
+            if totals.count == 0:
+                continue
+            per_round.append({"round": r, **totals.as_dict()})
+            overall.add(totals)
+            if r >= 2:
+                later.add(totals)
+        return {
+            "per_round": per_round,
+            "rounds_2plus": later.as_dict(),
+            "overall": overall.as_dict(),
+        }
