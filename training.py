@@ -143,7 +143,7 @@ def run_evaluation(model, tokenizer, dataset, config, device, dtype, tag: str, w
     max_vis = -1 if config.visualize else config.num_tensorboard_images
     metrics = evaluate(
         model, dataset, config.selection_settings(), device, dtype,
-        tokenizer.pad_token_id, out_dir, visualize=max_vis,
+        tokenizer.pad_token_id, out_dir, visualize=max_vis, history=config.history,
     )  # fmt: skip
     logger.info(
         "eval %s: gIoU %.4f cIoU %.4f ncIoU %.4f over %d images",

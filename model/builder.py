@@ -25,11 +25,12 @@ from model.backbones.llava_checkpoint import load_llava
 from model.heads.losses import LossConfig
 from model.heads.proposal_scorer import ProposalScorer, ProposalScorerConfig
 from model.llm_seg import LLMSegModel
+from model.mask_encoder import MASK_ENCODERS, PooledMaskEncoder
 from model.tiny import TinyCheckpoints
 from utils.data.images import DEFAULT_DINO_IMAGE_SIZE
 from utils.device import PRECISIONS, attention_implementation, resolve_dtype
 from utils.legacy_tokenizer import TOKENIZATIONS
-from utils.tokenizer import SEG_TOKEN
+from utils.tokenizer import IMAGE_START_TOKEN, REF_TOKEN, SEG_TOKEN, add_llm_seg_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,20 @@ class LLMSegConfig:
                   "folder has a sentencepiece tokenizer.model)",
                   "choices": ["auto", *TOKENIZATIONS]},
     )  # fmt: skip
+    mask_encoder: str = field(
+        default="none",
+        metadata={"help": "SegLLM multi-round: how an earlier round's mask is written at its "
+                  "<ref> token (pooled: CLIP patch grid pooled by the mask + box/area); none: "
+                  "single-round LLM-Seg", "choices": list(MASK_ENCODERS)},
+    )  # fmt: skip
+    ref_dropout: float = field(
+        default=0.5,
+        metadata={"help": "training probability of dropping a reference embedding (the plain "
+                  "<ref> token stays), as SegLLM"},
+    )  # fmt: skip
+    ref_loss_weight: float = field(
+        default=0.5, metadata={"help": "weight of the <ref> states' reference-selection loss"}
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (0 disables LoRA)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -119,6 +134,7 @@ class LLMSegConfig:
             iop_weight=self.iop_loss_weight,
             temperature=self.align_temperature,
             iop_scale=self.iop_loss_scale,
+            ref_weight=self.ref_loss_weight,
         )
 
     def scorer_config(self, feature_dim: int) -> ProposalScorerConfig:
@@ -130,7 +146,13 @@ class LLMSegConfig:
             depth=self.scorer_depth,
             map_size=self.proposal_map_size,
             geometry_embedding=self.mask_geometry_embedding,
+            relation_features=self.multi_round,
         )
+
+    @property
+    def multi_round(self) -> bool:
+        """SegLLM parts (``<ref>``, mask encoder, relation features) are built."""
+        return self.mask_encoder != "none"
 
 
 def build_llm_seg(
@@ -164,15 +186,21 @@ def build_llm_seg(
     dino = DinoFeatureExtractor(load_dinov2(config.dinov2, dtype, arch=config.dinov2_arch or None))
     grid = dino.grid_size(config.dino_image_size)
     scorer = ProposalScorer(config.scorer_config(dino.feature_dim))
+    mask_encoder, ref_token_id = build_multi_round_parts(config, backbone, tokenizer)
     model = LLMSegModel(
         backbone,
         dino,
         scorer,
         seg_token_id=tokenizer.convert_tokens_to_ids(SEG_TOKEN),
         loss_config=config.loss_config(),
+        mask_encoder=mask_encoder,
+        ref_token_id=ref_token_id,
+        ref_dropout=config.ref_dropout,
     )
     model.text_projection.to(dtype)
     model.proposal_scorer.to(dtype)
+    if mask_encoder is not None:
+        mask_encoder.to(dtype)
     logger.info(
         "LLM-Seg: %d image tokens, [SEG] id %d, DINOv2 %dx%d grid of %d-d features",
         model.num_image_tokens,
@@ -184,11 +212,35 @@ def build_llm_seg(
     return model.to(device).eval(), tokenizer
 
 
+def build_multi_round_parts(config: LLMSegConfig, backbone, tokenizer):
+    """SegLLM's parts when ``config.mask_encoder`` asks for them: ``<ref>`` added to the
+    tokenizer (embeddings resized; a no-op for a tokenizer that has it) and the mask encoder
+    (projector initialised from LLaVA's). Returns ``(mask_encoder, ref_token_id)``, both
+    ``None`` for single-round LLM-Seg."""
+    if not config.multi_round:
+        return None, None
+    if config.mask_encoder != "pooled":
+        raise ValueError(
+            f"unknown --mask_encoder {config.mask_encoder!r}; expected {MASK_ENCODERS}"
+        )
+    if not 0 <= config.ref_dropout < 1:
+        raise ValueError(f"--ref_dropout must be in [0, 1), got {config.ref_dropout}")
+    add_llm_seg_tokens(
+        tokenizer, use_im_start_end=IMAGE_START_TOKEN in tokenizer.get_vocab(), use_ref=True
+    )
+    embeddings = backbone.language_model.get_input_embeddings()
+    if len(tokenizer) > embeddings.weight.shape[0]:
+        backbone.language_model.resize_token_embeddings(len(tokenizer))
+    encoder = PooledMaskEncoder(backbone.projector, backbone.hidden_size)
+    return encoder, tokenizer.convert_tokens_to_ids(REF_TOKEN)
+
+
 def setup_trainable(model: LLMSegModel, config: LLMSegConfig) -> LLMSegModel:
     """Upstream's training set-up, in place: LoRA + trainable heads, frozen encoders.
 
     * LoRA (``config.lora_*``) on the language model's ``q_proj``/``v_proj`` only.
-    * Fully trainable: ``embed_tokens``, ``lm_head``, ``text_projection``, ``proposal_scorer``.
+    * Fully trainable: ``embed_tokens``, ``lm_head``, ``text_projection``, ``proposal_scorer``
+      (and SegLLM's ``mask_encoder`` when built).
     * Frozen: everything else (LLM base weights, CLIP, projector, DINOv2).
     * Gradient checkpointing as ``config.gradient_checkpointing``.
 
@@ -224,6 +276,8 @@ def setup_trainable(model: LLMSegModel, config: LLMSegConfig) -> LLMSegModel:
     language_model.get_output_embeddings().requires_grad_(True)
     model.text_projection.requires_grad_(True)
     model.proposal_scorer.requires_grad_(True)
+    if model.mask_encoder is not None:
+        model.mask_encoder.requires_grad_(True)
     model.set_gradient_checkpointing(config.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

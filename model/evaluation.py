@@ -4,11 +4,19 @@
 :func:`evaluate`; ``eval.py --pred_dir`` scores other methods' PNGs with the same metric code
 through :func:`score_prediction_folder`. Work is split across ranks (``records[rank::world]``)
 and the totals are all-reduced, so any number of processes gives the same numbers.
+
+Multi-round conversations (SegLLM) are also scored per round (``per_round``, ``rounds_2plus``,
+``overall`` in ``metrics.json``, :class:`~utils.metrics.MultiRoundMetrics`), with the history
+the references read: ``gt`` (the ground-truth masks of the rounds they name, as encoded),
+``none`` (references removed; the encoder strips them) or ``predicted`` (SegLLM's ``--ar_eval``:
+as many passes as rounds, each writing the previous pass's predicted masks at the ``<ref>``
+tokens; attention is causal, so after ``R`` passes every round read only predicted history).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -24,7 +32,7 @@ from utils.config import write_json_atomic
 from utils.data.images import load_rgb_image
 from utils.data.samples import EncodedSample, SegmentationRecord, collate
 from utils.distributed import barrier, is_main_process, rank, world_size
-from utils.metrics import ImageScore, SegmentationMetrics
+from utils.metrics import ImageScore, MultiRoundMetrics, SegmentationMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +88,54 @@ def save_visualization(
     cv2.imwrite(str(path), cv2.cvtColor(np.concatenate([band, panel]), cv2.COLOR_RGB2BGR))
 
 
+def _predicted_masks(sample, similarities, iop_scores, selection: SelectionSettings) -> list:
+    """One :class:`~model.heads.selection.SelectionResult` per ``[SEG]`` row, at the image size."""
+    return [
+        select_mask(
+            similarities[r].float().cpu(),
+            iop_scores[r].float().cpu(),
+            sample.proposal_binary,
+            selection.strategy,
+            selection.threshold,
+            selection.top_k,
+            output_size=tuple(sample.masks[r].shape),
+        )  # fmt: skip
+        for r in range(sample.masks.shape[0])
+    ]
+
+
+def round_indices(sample: EncodedSample) -> list[int]:
+    """The round (1-based turn) of each ``[SEG]`` row of a sample, conversation by conversation."""
+    return [turn for conversation in sample.conversations for turn in conversation.seg_turns]
+
+
+def is_multi_round(sample: EncodedSample) -> bool:
+    """Whether some conversation of the sample segments in more than one round."""
+    return any(len(set(c.seg_turns)) > 1 for c in sample.conversations)
+
+
+def score_with_history(model, sample: EncodedSample, encoder, history: str, selection,
+                       device, dtype, pad_token_id: int):  # fmt: skip
+    """The model's scores for ``sample`` with its references reading ``history``.
+
+    ``gt`` and ``none`` are one pass (the encoder wrote GT references, or none). ``predicted``
+    repeats the pass once per round, each time encoding the previous pass's predicted mask of
+    every referenced round into the ``<ref>`` tokens.
+    """
+    batch, _ = collate([sample], pad_token_id)
+    output = model.score(batch.to(device, dtype))
+    if history != "predicted" or sample.reference_rows is None:
+        return output
+    for _ in range(max(round_indices(sample)) - 1):
+        results = _predicted_masks(sample, output.similarities[0], output.iop_scores[0], selection)
+        predicted = torch.stack([results[row].mask for row in sample.reference_rows.tolist()])
+        inputs = encoder.encode_reference_masks(predicted.to(torch.uint8))
+        sample = dataclasses.replace(sample, **inputs)
+        batch, _ = collate([sample], pad_token_id)
+        output = model.score(batch.to(device, dtype))
+    return output
+
+
 def _score_sample(
     sample: EncodedSample,
     similarities: torch.Tensor,
@@ -87,22 +143,18 @@ def _score_sample(
     selection: SelectionSettings,
     metrics: SegmentationMetrics,
     vis_dir: Path | None,
+    round_metrics: MultiRoundMetrics | None = None,
 ) -> list[dict]:
     rows = []
     record = sample.record
-    for r in range(sample.masks.shape[0]):
+    results = _predicted_masks(sample, similarities, iop_scores, selection)
+    rounds = round_indices(sample)
+    for r, result in enumerate(results):
         gt = sample.masks[r]
-        result = select_mask(
-            similarities[r].float().cpu(),
-            iop_scores[r].float().cpu(),
-            sample.proposal_binary,
-            selection.strategy,
-            selection.threshold,
-            selection.top_k,
-            output_size=tuple(gt.shape),
-        )
         name = record.name if sample.masks.shape[0] == 1 else f"{record.name}_{r}"
         score = metrics.update(result.mask, gt, name, record.groups)
+        if round_metrics is not None:
+            round_metrics.update(result.mask, gt, rounds[r], name)
         rows.append(_row(score, record, r, len(result.selected), sample.proposal_masks.shape[0]))
         if vis_dir is not None:
             query = record.queries[r] if r < len(record.queries) else ""
@@ -130,13 +182,24 @@ def _row(score: ImageScore, record: SegmentationRecord, r: int, selected: int, k
     }
 
 
-def _score_unusable(record: SegmentationRecord, metrics: SegmentationMetrics) -> list[dict]:
+def _score_unusable(
+    record: SegmentationRecord, metrics: SegmentationMetrics, round_metrics: MultiRoundMetrics
+) -> list[dict]:
     """A record whose prompt did not fit: every target scored against an empty prediction."""
     image = load_rgb_image(record.image_path)
     masks = record.masks(*image.shape[:2])
+    rounds = [
+        turn
+        for turns in record.conversations
+        for turn, (_, answer) in enumerate(turns, 1)
+        for _ in range((answer or "").count("[SEG]"))
+    ]
+    multi_round = len(set(rounds)) > 1
     rows = []
     for r, gt in enumerate(masks):
         score = metrics.update(np.zeros_like(gt), gt, f"{record.name}_{r}", record.groups)
+        if multi_round:
+            round_metrics.update(np.zeros_like(gt), gt, rounds[r], f"{record.name}_{r}")
         rows.append(_row(score, record, r, 0, 0))
     return rows
 
@@ -152,6 +215,7 @@ def evaluate(
     out_dir: str | os.PathLike,
     visualize: int = 0,
     prefix: str = "",
+    history: str = "gt",
 ) -> dict[str, float]:
     """Score ``dataset`` (an ``EvaluationDataset``) and write ``metrics.json`` + ``per_image.csv``.
 
@@ -163,6 +227,8 @@ def evaluate(
         pad_token_id: padding id for collation.
         out_dir: where ``<prefix>metrics.json``, ``<prefix>per_image.csv`` and ``vis/`` go.
         visualize: how many overlay PNGs this rank writes to ``vis/`` (-1: all).
+        history: what references read in multi-round conversations: ``gt``, ``none`` (both as
+            the dataset's encoder wrote them) or ``predicted`` (see the module docstring).
     Returns:
         The metrics (``giou``, ``ciou``, ``nciou``, ``num_images`` and per-group entries).
     """
@@ -170,23 +236,27 @@ def evaluate(
     was_training = model.training
     model.eval()
     metrics = SegmentationMetrics()
+    round_metrics = MultiRoundMetrics()
     rows: list[dict] = []
     indices = range(rank(), len(dataset), world_size())
     no_proposals = 0
     for index in tqdm(indices, desc="evaluate", disable=not is_main_process(), mininterval=5):
         item = dataset[index]
         if isinstance(item, SegmentationRecord):
-            rows += _score_unusable(item, metrics)
+            rows += _score_unusable(item, metrics, round_metrics)
             continue
         if item.proposal_masks.shape[0] == 0:
             no_proposals += 1
-        batch, _ = collate([item], pad_token_id)
-        output = model.score(batch.to(device, dtype))
+        output = score_with_history(
+            model, item, getattr(dataset, "encoder", None), history, selection, device, dtype,
+            pad_token_id,
+        )  # fmt: skip
         drawn = visualize < 0 or len(rows) < visualize
         vis_dir = out_dir / "vis" if drawn else None
         rows += _score_sample(
-            item, output.similarities[0], output.iop_scores[0], selection, metrics, vis_dir
-        )
+            item, output.similarities[0], output.iop_scores[0], selection, metrics, vis_dir,
+            round_metrics if is_multi_round(item) else None,
+        )  # fmt: skip
     if no_proposals:
         logger.warning("%d images had no proposals and were scored as empty masks", no_proposals)
     group_names = sorted({"all"} | {g for row in rows for g in row["groups"].split("|") if g})
@@ -196,6 +266,11 @@ def evaluate(
     results = metrics.compute()
     results["selection"] = selection.strategy
     results["iop_threshold"] = selection.threshold
+    rounds = _gather_union([str(r) for r in round_metrics.rounds])
+    if rounds:
+        round_metrics.all_reduce(max(int(r) for r in rounds))
+        results.update(round_metrics.summary())
+        results["history"] = history
     if is_main_process():
         write_json_atomic(results, out_dir / f"{prefix}metrics.json")
         _write_csv(all_rows, out_dir / f"{prefix}per_image.csv")

@@ -47,6 +47,7 @@ from model.backbones.llava_checkpoint import load_clip_vision_tower, read_llava_
 from model.builder import LLMSegConfig, build_llm_seg, merge_lora_weights, setup_trainable
 from model.heads.proposal_scorer import ProposalScorer
 from model.llm_seg import LLMSegModel
+from model.mask_encoder import PooledMaskEncoder
 from utils.checkpoint import (
     CheckpointError,
     load_state_dict,
@@ -59,7 +60,7 @@ from utils.device import PRECISIONS, attention_implementation, require_bitsandby
 from utils.legacy_tokenizer import SENTENCEPIECE_FILE, resolve_tokenization, sentencepiece_file
 from utils.logging_setup import setup_logging
 from utils.run_checkpoints import WEIGHT_SOURCES, best_record, load_trainable_weights
-from utils.tokenizer import IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN, load_tokenizer
+from utils.tokenizer import IMAGE_START_TOKEN, IMAGE_TOKEN, REF_TOKEN, SEG_TOKEN, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ PROJECTOR_FILE = "vision_projector.safetensors"
 HEAD_FILE = "proposal_head.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 EXPORT_KINDS = ("merged", "adapter")
-# The heads LLMSegModel adds around LLaVA; the merged kind stores them in HEAD_FILE.
-HEAD_PREFIXES = ("text_projection.", "proposal_scorer.")
+# The heads LLMSegModel adds around LLaVA (and SegLLM's mask encoder); the merged kind stores
+# them in HEAD_FILE.
+HEAD_PREFIXES = ("text_projection.", "proposal_scorer.", "mask_encoder.")
 
 
 @dataclass
@@ -396,8 +398,17 @@ def _build_merged(folder: Path, manifest: ExportManifest, device, dtype, quantiz
     )
     dino = DinoFeatureExtractor(load_dinov2(config.dinov2, dtype, arch=config.dinov2_arch or None))
     scorer = ProposalScorer(config.scorer_config(dino.feature_dim))
-    model = LLMSegModel(backbone, dino, scorer, arch.seg_token_id, config.loss_config())
+    mask_encoder = ref_token_id = None
+    if config.multi_round:  # SegLLM's parts; their weights are in HEAD_FILE
+        mask_encoder = PooledMaskEncoder(projector, arch.hidden_size)
+        ref_token_id = tokenizer.convert_tokens_to_ids(REF_TOKEN)
+    model = LLMSegModel(
+        backbone, dino, scorer, arch.seg_token_id, config.loss_config(), mask_encoder,
+        ref_token_id, config.ref_dropout,
+    )  # fmt: skip
     head = {HEAD_PREFIXES[0]: model.text_projection, HEAD_PREFIXES[1]: model.proposal_scorer}
+    if mask_encoder is not None:
+        head[HEAD_PREFIXES[2]] = mask_encoder
     state = load_state_dict(folder / HEAD_FILE)
     for prefix, module in head.items():
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -409,8 +420,9 @@ def _build_merged(folder: Path, manifest: ExportManifest, device, dtype, quantiz
     if quantization is None:
         model.to(device)
     else:  # the quantized LLM is already placed; `.to` would fail on it
-        for part in (tower, projector, dino, model.text_projection, scorer):
-            part.to(device)
+        for part in (tower, projector, dino, model.text_projection, scorer, mask_encoder):
+            if part is not None:
+                part.to(device)
     return model, tokenizer
 
 

@@ -14,6 +14,14 @@ Forward pass for a :class:`~utils.batch.LLMSegBatch` of ``B`` rows over ``I`` im
 
 The proposal scorer is one "head" reading the ``[SEG]`` embeddings; a second head (e.g. LISA's
 SAM mask decoder) can be added beside it in :meth:`LLMSegModel.forward` without touching the rest.
+
+SegLLM (multi-round; a model built with a ``mask_encoder``): a question's ``<ref>`` tokens stand
+for earlier rounds' masks (``batch.references``). The :class:`~model.mask_encoder.PooledMaskEncoder`
+writes each mask's embedding at its ``<ref>`` position (dropped with ``ref_dropout`` in training).
+Mask-aware decoding: each ``[SEG]``'s proposals see their relation to the masks of the same
+round's references (:mod:`model.heads.reference_relations`), and the last-layer state *at* each
+``<ref>`` goes through the same text projection and is trained to select the referenced mask
+(``ref_loss``, weight ``LossConfig.ref_weight``).
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ from model.backbones.features import DinoFeatureExtractor
 from model.backbones.llava import LlavaBackbone
 from model.heads.losses import LossConfig, alignment_loss, iop_regression_loss, language_model_loss
 from model.heads.proposal_scorer import ProposalScorer, ProposalScores
+from model.heads.reference_relations import reference_relations, round_relations
 from model.heads.selection import SelectionResult, select_mask
+from model.mask_encoder import PooledMaskEncoder
 from utils.batch import LLMSegBatch
 
 
@@ -42,10 +52,13 @@ class LLMSegOutput:
         align_loss: scalar alignment loss, mean over rounds then images (``None`` without
             targets; 0 when no image has both a ``[SEG]`` and a proposal).
         iop_loss: scalar IoP regression loss, averaged likewise.
+        ref_loss: scalar reference-selection loss over the ``<ref>`` states (``None`` without
+            references or targets).
         similarities: per image ``(R_i, K_i)`` fp32 cosines.
         iop_scores: per image ``(R_i, K_i)`` fp32 IoP-head outputs.
         seg_embeddings: per image ``(R_i, E)`` projected ``[SEG]`` hidden states.
         logits: ``(B, L, vocab)``.
+        ref_similarities: per image ``(N_i, K_i)`` cosines of its ``<ref>`` states (SegLLM).
     """
 
     loss: torch.Tensor | None
@@ -56,6 +69,8 @@ class LLMSegOutput:
     iop_scores: list[torch.Tensor] = field(default_factory=list)
     seg_embeddings: list[torch.Tensor] = field(default_factory=list)
     logits: torch.Tensor | None = None
+    ref_loss: torch.Tensor | None = None
+    ref_similarities: list[torch.Tensor] = field(default_factory=list)
 
 
 def build_text_projection(hidden_size: int, out_dim: int) -> nn.Sequential:
@@ -77,6 +92,9 @@ class LLMSegModel(nn.Module):
         proposal_scorer: the scorer; its ``embed_dim`` is the text projection's output size.
         seg_token_id: id of ``[SEG]``.
         loss_config: loss weights and constants.
+        mask_encoder: SegLLM's encoder of earlier masks (``None``: single-round LLM-Seg).
+        ref_token_id: id of ``<ref>`` (with ``mask_encoder``).
+        ref_dropout: training probability of keeping the plain ``<ref>`` embedding instead.
     """
 
     def __init__(
@@ -86,8 +104,15 @@ class LLMSegModel(nn.Module):
         proposal_scorer: ProposalScorer,
         seg_token_id: int,
         loss_config: LossConfig | None = None,
+        mask_encoder: PooledMaskEncoder | None = None,
+        ref_token_id: int | None = None,
+        ref_dropout: float = 0.5,
     ) -> None:
         super().__init__()
+        if (mask_encoder is None) != (ref_token_id is None):
+            raise ValueError("a mask encoder and the <ref> token id go together")
+        if mask_encoder is not None and not proposal_scorer.config.relation_features:
+            raise ValueError("a multi-round model needs a scorer with relation_features")
         if proposal_scorer.config.feature_dim != dino.feature_dim:
             raise ValueError(
                 f"scorer expects {proposal_scorer.config.feature_dim}-d features but DINOv2 "
@@ -101,6 +126,9 @@ class LLMSegModel(nn.Module):
         self.proposal_scorer = proposal_scorer
         self.seg_token_id = seg_token_id
         self.loss_config = loss_config or LossConfig()
+        self.mask_encoder = mask_encoder
+        self.ref_token_id = ref_token_id
+        self.ref_dropout = ref_dropout
 
     @property
     def num_image_tokens(self) -> int:
@@ -151,25 +179,70 @@ class LLMSegModel(nn.Module):
     def seg_embeddings(self, batch: LLMSegBatch, hidden: torch.Tensor) -> list[torch.Tensor]:
         """Projected ``[SEG]`` embeddings grouped per image: ``I`` tensors ``(R_i, E)``."""
         states, rows = self.seg_hidden_states(batch.input_ids, batch.attention_mask, hidden)
+        return self._project_per_image(batch, states, rows)
+
+    def _project_per_image(self, batch, states, rows) -> list[torch.Tensor]:
         projection_dtype = self.text_projection[0].weight.dtype
         embeddings = self.text_projection(states.to(projection_dtype))
-        image_of_seg = batch.image_index[rows]
-        return [embeddings[image_of_seg == i] for i in range(batch.num_images)]
+        image_of_row = batch.image_index[rows]
+        return [embeddings[image_of_row == i] for i in range(batch.num_images)]
+
+    def _positions(self, batch: LLMSegBatch, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = (batch.input_ids == token_id) & batch.attention_mask.bool()
+        return mask.nonzero(as_tuple=True)  # row-major: by row, then position
+
+    def reference_embeddings(self, batch: LLMSegBatch, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Projected last-layer states *at* the ``<ref>`` tokens, per image ``(N_i, E)``."""
+        rows, cols = self._positions(batch, self.ref_token_id)
+        return self._project_per_image(batch, hidden[rows, cols], rows)
+
+    def round_references(self, batch: LLMSegBatch) -> list[torch.Tensor]:
+        """Which references each round has: per image ``(R_i, N_i)`` bool, a ``[SEG]`` owning
+        the ``<ref>`` tokens of its row between the previous ``[SEG]`` and itself (the
+        question of the same round)."""
+        seg_rows, seg_cols = self._positions(batch, self.seg_token_id)
+        ref_rows, ref_cols = self._positions(batch, self.ref_token_id)
+        previous = torch.full_like(seg_cols, -1)
+        same_row = seg_rows[1:] == seg_rows[:-1]
+        previous[1:] = torch.where(same_row, seg_cols[:-1], previous[1:])
+        owns = (
+            (ref_rows.unsqueeze(0) == seg_rows.unsqueeze(1))
+            & (ref_cols.unsqueeze(0) < seg_cols.unsqueeze(1))
+            & (ref_cols.unsqueeze(0) > previous.unsqueeze(1))
+        )
+        seg_image, ref_image = batch.image_index[seg_rows], batch.image_index[ref_rows]
+        return [
+            owns[seg_image == i][:, ref_image == i] for i in range(batch.num_images)
+        ]  # fmt: skip
 
     def score_proposals(
-        self, batch: LLMSegBatch, seg_embeddings: list[torch.Tensor]
-    ) -> list[ProposalScores]:
+        self,
+        batch: LLMSegBatch,
+        seg_embeddings: list[torch.Tensor],
+        ref_embeddings: list[torch.Tensor] | None = None,
+        assignments: list[torch.Tensor] | None = None,
+    ) -> tuple[list[ProposalScores], list[ProposalScores] | None]:
         """The proposal head for every image; DINOv2 runs only where there is work to do.
 
+        Args:
+            batch: the batch (its ``references`` give the relation features).
+            seg_embeddings: per image ``(R_i, E)``.
+            ref_embeddings: per image ``(N_i, E)`` ``<ref>`` states (SegLLM), or ``None``.
+            assignments: per image ``(R_i, N_i)`` from :meth:`round_references`.
         Returns:
-            ``I`` :class:`ProposalScores` with ``(R_i, K_i)`` fields.
+            ``I`` :class:`ProposalScores` with ``(R_i, K_i)`` fields, and (with
+            ``ref_embeddings``) ``I`` with ``(N_i, K_i)`` fields for the references.
         """
+        num_refs = [0] * len(seg_embeddings) if ref_embeddings is None else [
+            len(r) for r in ref_embeddings
+        ]  # fmt: skip
         needed = [
             i
             for i, (segs, masks) in enumerate(zip(seg_embeddings, batch.proposal_masks))
-            if segs.shape[0] > 0 and masks.shape[0] > 0
+            if (segs.shape[0] > 0 or num_refs[i] > 0) and masks.shape[0] > 0
         ]
         scores: list[ProposalScores | None] = [None] * len(seg_embeddings)
+        ref_scores: list[ProposalScores | None] = [None] * len(seg_embeddings)
         if needed:
             index = torch.tensor(needed, device=batch.dino_pixels.device)
             features = self.dino(batch.dino_pixels.index_select(0, index))
@@ -178,12 +251,21 @@ class LLMSegModel(nn.Module):
                 pooled = self.proposal_scorer.proposal_features(
                     feature_map, batch.proposal_masks[i]
                 )
-                scores[i] = self.proposal_scorer.score(pooled, seg_embeddings[i])
+                relations = None
+                if num_refs[i]:
+                    maps = batch.references.proposal_maps[batch.references.image_index == i]
+                    relations = round_relations(
+                        reference_relations(batch.proposal_masks[i], maps), assignments[i]
+                    )
+                    ref_scores[i] = self.proposal_scorer.score(pooled, ref_embeddings[i])
+                scores[i] = self.proposal_scorer.score(pooled, seg_embeddings[i], relations)
         for i, masks in enumerate(batch.proposal_masks):
+            unpooled = masks.new_zeros((masks.shape[0], self.proposal_scorer.config.embed_dim))
             if scores[i] is None:  # no [SEG] or no proposal: empty (R_i, K_i) scores
-                unpooled = masks.new_zeros((masks.shape[0], self.proposal_scorer.config.embed_dim))
                 scores[i] = self.proposal_scorer.score(unpooled, seg_embeddings[i])
-        return scores
+            if ref_embeddings is not None and ref_scores[i] is None:
+                ref_scores[i] = self.proposal_scorer.score(unpooled, ref_embeddings[i])
+        return scores, (ref_scores if ref_embeddings is not None else None)
 
     def proposal_losses(
         self, batch: LLMSegBatch, scores: list[ProposalScores]
@@ -200,11 +282,44 @@ class LLMSegModel(nn.Module):
             )
             iop_terms.append(iop_regression_loss(image_scores.iop, iops, scale=config.iop_scale))
         if not align_terms:
-            zero = batch.dino_pixels.new_zeros((), dtype=torch.float32)
-            for image_scores in scores:  # keep the graph connected (e.g. for DeepSpeed)
-                zero = zero + image_scores.similarity.sum() * 0 + image_scores.iop.sum() * 0
+            zero = self._connected_zero(batch, scores)
             return zero, zero
         return torch.stack(align_terms).mean(), torch.stack(iop_terms).mean()
+
+    def reference_loss(self, batch: LLMSegBatch, ref_scores: list[ProposalScores]) -> torch.Tensor:
+        """Each ``<ref>`` state selects the mask it stands for: the alignment loss against the
+        referenced mask's proposal IoUs, mean per image, then over images with references."""
+        terms = [
+            alignment_loss(s.similarity, ious, temperature=self.loss_config.temperature)
+            for s, ious in zip(ref_scores, batch.references.ious)
+            if s.similarity.numel() > 0
+        ]
+        if not terms:
+            return self._connected_zero(batch, ref_scores)
+        return torch.stack(terms).mean()
+
+    @staticmethod
+    def _connected_zero(batch: LLMSegBatch, scores: list[ProposalScores]) -> torch.Tensor:
+        zero = batch.dino_pixels.new_zeros((), dtype=torch.float32)
+        for image_scores in scores:  # keep the graph connected (e.g. for DeepSpeed)
+            zero = zero + image_scores.similarity.sum() * 0 + image_scores.iop.sum() * 0
+        return zero
+
+    def _reference_inputs(
+        self, batch: LLMSegBatch, vision_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeddings (N', hidden), positions (B, L) bool)`` written over the ``<ref>``
+        tokens; in training each is dropped (the token's own embedding kept) with
+        ``ref_dropout``."""
+        embeddings = self.mask_encoder(vision_features, batch.references)
+        positions = (batch.input_ids == self.ref_token_id) & batch.attention_mask.bool()
+        if self.training and self.ref_dropout > 0:
+            keep = torch.rand(embeddings.shape[0], device=embeddings.device) >= self.ref_dropout
+            rows, cols = positions.nonzero(as_tuple=True)
+            positions = torch.zeros_like(positions)
+            positions[rows[keep], cols[keep]] = True
+            embeddings = embeddings[keep]
+        return embeddings, positions
 
     def forward(self, batch: LLMSegBatch) -> LLMSegOutput:
         """Losses (when ``batch`` has labels/targets) and per-image proposal scores.
@@ -215,23 +330,38 @@ class LLMSegModel(nn.Module):
             :class:`LLMSegOutput`.
         """
         batch.validate(self.seg_token_id)
+        batch.validate_references(self.ref_token_id)
+        extra_embeddings = extra_mask = vision = None
+        if batch.references is not None:
+            vision = self.backbone.vision_features(batch.clip_pixels)
+            extra_embeddings, extra_mask = self._reference_inputs(batch, vision)
         llava = self.backbone(
-            batch.input_ids, batch.attention_mask, batch.clip_pixels, batch.image_index
-        )
+            batch.input_ids, batch.attention_mask, batch.clip_pixels, batch.image_index,
+            extra_embeddings, extra_mask, vision,
+        )  # fmt: skip
         seg_embeddings = self.seg_embeddings(batch, llava.hidden_states)
-        scores = self.score_proposals(batch, seg_embeddings)
+        ref_embeddings = assignments = None
+        if batch.references is not None:
+            ref_embeddings = self.reference_embeddings(batch, llava.hidden_states)
+            assignments = self.round_references(batch)
+        scores, ref_scores = self.score_proposals(
+            batch, seg_embeddings, ref_embeddings, assignments
+        )
 
         config = self.loss_config
         ce = None if batch.labels is None else language_model_loss(llava.logits, batch.labels)
-        align = iop = None
+        align = iop = ref = None
         if batch.has_targets:
             align, iop = self.proposal_losses(batch, scores)
+            if ref_scores is not None and batch.references.ious is not None:
+                ref = self.reference_loss(batch, ref_scores)
         terms = [
             (weight, value)
             for weight, value in (
                 (config.ce_weight, ce),
                 (config.align_weight, align),
                 (config.iop_weight, iop),
+                (config.ref_weight, ref),
             )
             if value is not None
         ]
@@ -245,6 +375,8 @@ class LLMSegModel(nn.Module):
             iop_scores=[s.iop for s in scores],
             seg_embeddings=seg_embeddings,
             logits=llava.logits,
+            ref_loss=ref,
+            ref_similarities=[s.similarity for s in ref_scores] if ref_scores else [],
         )
 
     @torch.no_grad()

@@ -13,6 +13,51 @@ import torch
 
 
 @dataclass
+class ReferenceInputs:
+    """SegLLM references: the earlier rounds' masks a batch's ``<ref>`` tokens stand for.
+
+    ``N`` references in the order of their ``<ref>`` tokens (row by row, then by position), so
+    the model writes embedding ``n`` at the ``n``-th ``<ref>``.
+
+    Attributes:
+        clip_maps: ``(N, g, g)`` fraction of each CLIP patch the mask covers (CLIP's own frame:
+            shortest side resized, centre crop), for pooling the patch grid LLaVA computes.
+        geometry: ``(N, 5)`` the mask's box ``x0, y0, x1, y1`` and area, each normalised to the
+            image (width, height, pixels).
+        proposal_maps: ``(N, M, M)`` the mask in the proposal weight maps' frame (padded
+            square), for relating each proposal to it.
+        image_index: ``(N,)`` long: the image (batch index) each reference belongs to.
+        ious: per image ``(N_i, K_i)`` IoU of each of its references with its proposals, the
+            target of the reference-selection loss; ``None`` without targets.
+    """
+
+    clip_maps: torch.Tensor
+    geometry: torch.Tensor
+    proposal_maps: torch.Tensor
+    image_index: torch.Tensor
+    ious: list[torch.Tensor] | None = None
+
+    @property
+    def count(self) -> int:
+        return self.image_index.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None):
+        """Moved to ``device``; the maps and geometry cast to ``dtype`` (IoU targets stay fp32)."""
+        cast = {"clip_maps", "geometry", "proposal_maps"}
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                moved[f.name] = [v.to(device) for v in value]
+            elif isinstance(value, torch.Tensor):
+                to_dtype = dtype if f.name in cast and dtype is not None else None
+                moved[f.name] = value.to(device=device, dtype=to_dtype)
+            else:
+                moved[f.name] = value
+        return ReferenceInputs(**moved)
+
+
+@dataclass
 class LLMSegBatch:
     """One training or evaluation batch.
 
@@ -30,6 +75,7 @@ class LLMSegBatch:
             where ``R_i`` is the number of ``[SEG]`` tokens in image ``i``'s rows, ordered by
             row then position. ``None`` when scoring without targets.
         proposal_iops: ``I`` tensors ``(R_i, K_i)``: ``|P ∩ G| / |P|``; ``None`` likewise.
+        references: the masks behind the ``<ref>`` tokens (SegLLM), ``None`` without any.
     """
 
     input_ids: torch.Tensor
@@ -41,6 +87,7 @@ class LLMSegBatch:
     proposal_masks: list[torch.Tensor]
     proposal_ious: list[torch.Tensor] | None = None
     proposal_iops: list[torch.Tensor] | None = None
+    references: ReferenceInputs | None = None
 
     @property
     def num_images(self) -> int:
@@ -58,6 +105,8 @@ class LLMSegBatch:
         """
 
         def move(value, cast: bool):
+            if isinstance(value, ReferenceInputs):
+                return value.to(device, dtype)
             if isinstance(value, list):
                 return [move(v, cast) for v in value]
             if not isinstance(value, torch.Tensor):
@@ -78,6 +127,31 @@ class LLMSegBatch:
         counts = torch.zeros(self.num_images, dtype=torch.long, device=per_row.device)
         counts.index_add_(0, self.image_index, per_row)
         return counts.tolist()
+
+    def validate_references(self, ref_token_id: int | None) -> None:
+        """Check that there is one reference per attended ``<ref>`` token, each about the image
+        of its row.
+
+        Raises:
+            ValueError: a count or image mismatch (both counts, or the references, named).
+        """
+        ref_mask = None
+        if ref_token_id is not None:
+            ref_mask = (self.input_ids == ref_token_id) & self.attention_mask.bool()
+        found = 0 if ref_mask is None else int(ref_mask.sum())
+        given = 0 if self.references is None else self.references.count
+        if found != given:
+            raise ValueError(f"the batch has {found} <ref> tokens but {given} references")
+        if not given:
+            return
+        refs = self.references
+        rows = ref_mask.nonzero()[:, 0]
+        wrong = (self.image_index[rows] != refs.image_index).nonzero().flatten().tolist()
+        if wrong:
+            raise ValueError(f"references {wrong} are about another image than their <ref> row")
+        for name in ("clip_maps", "geometry", "proposal_maps"):
+            if getattr(refs, name).shape[0] != given:
+                raise ValueError(f"references.{name} has {getattr(refs, name).shape[0]} rows")
 
     def validate(self, seg_token_id: int) -> list[int]:
         """Check every shape and count; return ``R_i`` per image.

@@ -16,6 +16,7 @@ IMAGE_TOKEN = "<image>"
 IMAGE_START_TOKEN = "<im_start>"
 IMAGE_END_TOKEN = "<im_end>"
 SEG_TOKEN = "[SEG]"
+REF_TOKEN = "<ref>"  # SegLLM: where an earlier round's mask is written into the input
 
 # Enough text for a tiny tokenizer to cover the prompt templates and the usual query words.
 DEFAULT_CORPUS = (
@@ -67,17 +68,22 @@ def train_tiny_tokenizer(
     return wrapped
 
 
-def add_llm_seg_tokens(tokenizer: PreTrainedTokenizerBase, use_im_start_end: bool) -> int:
+def add_llm_seg_tokens(
+    tokenizer: PreTrainedTokenizerBase, use_im_start_end: bool, use_ref: bool = False
+) -> int:
     """Add the tokens LLM-Seg needs that ``tokenizer`` lacks; return how many were added.
 
     ``[SEG]`` is a normal added token (as upstream), ``<image>`` and the optional
-    ``<im_start>``/``<im_end>`` are special. The model must resize its embeddings afterwards.
+    ``<im_start>``/``<im_end>`` are special, and so is SegLLM's ``<ref>`` (``use_ref``: the
+    placeholder an earlier round's mask embedding is written at). The model must resize its
+    embeddings afterwards.
     """
     vocab = tokenizer.get_vocab()
     added = 0
     if SEG_TOKEN not in vocab:
         added += tokenizer.add_tokens([SEG_TOKEN], special_tokens=False)
     special = [IMAGE_TOKEN] + ([IMAGE_START_TOKEN, IMAGE_END_TOKEN] if use_im_start_end else [])
+    special += [REF_TOKEN] if use_ref else []
     missing = [token for token in special if token not in vocab]
     if missing:
         added += tokenizer.add_tokens(missing, special_tokens=True)

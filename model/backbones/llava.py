@@ -93,13 +93,14 @@ class LlavaBackbone(nn.Module):
     def hidden_size(self) -> int:
         return self.language_model.config.hidden_size
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """CLIP features projected into the LLM's embedding space.
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP's selected-layer features, before the projector (what SegLLM's pooled mask
+        encoder pools).
 
         Args:
             pixel_values: ``(I, 3, S, S)`` CLIP-preprocessed images.
         Returns:
-            ``(I, num_image_tokens, hidden)`` in the projector's dtype.
+            ``(I, num_image_tokens, C_clip)`` in the tower's dtype.
         """
         tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(tower_trainable and torch.is_grad_enabled()):
@@ -108,8 +109,23 @@ class LlavaBackbone(nn.Module):
             features = outputs.hidden_states[self.vision_select_layer]
             if self.vision_select_feature == "patch":
                 features = features[:, 1:]
+        return features
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, vision_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """CLIP features projected into the LLM's embedding space.
+
+        Args:
+            pixel_values: ``(I, 3, S, S)`` CLIP-preprocessed images.
+            vision_features: their :meth:`vision_features`, when already computed.
+        Returns:
+            ``(I, num_image_tokens, hidden)`` in the projector's dtype.
+        """
+        if vision_features is None:
+            vision_features = self.vision_features(pixel_values)
         projector_dtype = next(self.projector.parameters()).dtype
-        return self.projector(features.to(projector_dtype))
+        return self.projector(vision_features.to(projector_dtype))
 
     def embed_inputs(
         self,
@@ -118,6 +134,7 @@ class LlavaBackbone(nn.Module):
         image_index: torch.Tensor,
         extra_embeddings: torch.Tensor | None = None,
         extra_mask: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image features written at the ``<image>`` positions.
 
@@ -131,10 +148,12 @@ class LlavaBackbone(nn.Module):
                 the ``N`` true positions of ``extra_mask`` (e.g. SegLLM's mask-encoding
                 placeholders), after the image features.
             extra_mask: ``(B, L)`` bool placeholder positions for ``extra_embeddings``.
+            vision_features: ``(I, num_image_tokens, C_clip)`` :meth:`vision_features` of
+                ``pixel_values`` when the caller already has them (CLIP then runs once).
         Returns:
             ``(B, L, hidden)`` input embeddings.
         """
-        embeds = self._embed_images(input_ids, pixel_values, image_index)
+        embeds = self._embed_images(input_ids, pixel_values, image_index, vision_features)
         if extra_embeddings is None and extra_mask is None:
             return embeds
         if extra_embeddings is None or extra_mask is None:
@@ -147,7 +166,11 @@ class LlavaBackbone(nn.Module):
         return embeds.masked_scatter(extra_mask.unsqueeze(-1), extra_embeddings.to(embeds.dtype))
 
     def _embed_images(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_index: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_index: torch.Tensor,
+        vision_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         embeds = self.language_model.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.image_token_id
@@ -161,7 +184,7 @@ class LlavaBackbone(nn.Module):
             )
         if not rows.any():
             return embeds
-        features = self.encode_images(pixel_values)[image_index[rows]]
+        features = self.encode_images(pixel_values, vision_features)[image_index[rows]]
         features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
 
@@ -173,6 +196,7 @@ class LlavaBackbone(nn.Module):
         image_index: torch.Tensor | None = None,
         extra_embeddings: torch.Tensor | None = None,
         extra_mask: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
     ) -> LlavaOutput:
         """Run the language model over text with images inserted.
 
@@ -181,12 +205,12 @@ class LlavaBackbone(nn.Module):
             attention_mask: ``(B, L)``, 1 for real tokens.
             pixel_values: ``(I, 3, S, S)`` CLIP inputs.
             image_index: ``(B,)`` image of each row; defaults to ``arange(B)``.
-            extra_embeddings, extra_mask: optional extra input vectors, see :meth:`embed_inputs`.
+            extra_embeddings, extra_mask, vision_features: see :meth:`embed_inputs`.
         """
         if image_index is None:
             image_index = torch.arange(input_ids.shape[0], device=input_ids.device)
         embeds = self.embed_inputs(
-            input_ids, pixel_values, image_index, extra_embeddings, extra_mask
+            input_ids, pixel_values, image_index, extra_embeddings, extra_mask, vision_features
         )
         outputs = self.language_model.model(
             inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False

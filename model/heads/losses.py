@@ -31,6 +31,7 @@ class LossConfig:
     iop_weight: float = 1.0
     temperature: float = 0.05
     iop_scale: float = 50.0
+    ref_weight: float = 0.5  # SegLLM: each <ref> state selects its referenced mask (auxiliary)
 
 
 def language_model_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

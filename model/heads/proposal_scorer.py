@@ -52,6 +52,7 @@ from segment_anything.modeling.transformer import Attention, TwoWayAttentionBloc
 from torch import nn
 
 from model.heads.mask_geometry import MaskGeometryEmbedding
+from model.heads.reference_relations import RELATION_FEATURES
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ProposalScorerConfig:
     pool_eps: float = 1e-8  # guards empty proposals in the mask-average pooling
     geometry_embedding: bool = False  # add a mask-geometry embedding (not in the paper)
     geometry_grid: int = 8  # side of its box-normalised shape thumbnail
+    relation_features: bool = False  # SegLLM: proposals see their relation to referenced masks
 
 
 @dataclass
@@ -122,6 +124,12 @@ class ProposalScorer(nn.Module):
         self.geometry_embedding = (
             MaskGeometryEmbedding(dim, config.geometry_grid) if config.geometry_embedding else None
         )
+        self.relation_embedding = None
+        if config.relation_features:
+            # No bias and zero weights: rounds without a reference score exactly as before, and
+            # a new model starts from the single-round scorer.
+            self.relation_embedding = nn.Linear(RELATION_FEATURES, dim, bias=False)
+            nn.init.zeros_(self.relation_embedding.weight)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -175,12 +183,19 @@ class ProposalScorer(nn.Module):
             return pooled
         return pooled + self.geometry_embedding(proposal_masks).float()
 
-    def score(self, pooled: torch.Tensor, seg_embeddings: torch.Tensor) -> ProposalScores:
+    def score(
+        self,
+        pooled: torch.Tensor,
+        seg_embeddings: torch.Tensor,
+        relations: torch.Tensor | None = None,
+    ) -> ProposalScores:
         """Run the selection transformer and both heads.
 
         Args:
             pooled: ``(K, E)`` proposal features (:meth:`proposal_features`).
             seg_embeddings: ``(R, E)`` projected ``[SEG]`` hidden states.
+            relations: ``(R, K, 6)`` each proposal's relation to the masks round ``r`` refers
+                to (:mod:`model.heads.reference_relations`); needs ``relation_features``.
         Returns:
             :class:`ProposalScores` with ``(R, K)`` similarity and IoP.
         """
@@ -193,6 +208,10 @@ class ProposalScorer(nn.Module):
             return ProposalScores(similarity=zeros, iop=zeros, proposal_embeddings=embeddings)
         text = seg_embeddings.to(self.dtype).unsqueeze(1)  # (R, 1, E)
         queries = pooled.to(self.dtype).unsqueeze(0).expand(num_rounds, -1, -1)  # (R, K, E)
+        if relations is not None:
+            if self.relation_embedding is None:
+                raise ValueError("relation features need ProposalScorerConfig.relation_features")
+            queries = queries + self.relation_embedding(relations.to(self.dtype))
         keys = text
         no_position = queries.new_zeros(())  # the scorer uses no positional encodings
         for block in self.blocks:

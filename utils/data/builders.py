@@ -17,6 +17,8 @@ from utils.data.conversation import conversation_format
 from utils.data.images import clip_image_processor
 from utils.data.llmseg40k import LLMSeg40KSource, llmseg40k_eval_record, load_llmseg40k_split
 from utils.data.mixing import EvaluationDataset, MixedTrainingDataset, parse_mixture
+from utils.data.mrseg import load_mrseg
+from utils.data.multi_round import DEFAULT_MAX_ROUNDS, MultiRoundSource, load_multi_round_train
 from utils.data.reason_seg import (
     ReasonSegSource,
     load_reason_seg_split,
@@ -56,6 +58,26 @@ class DataConfig:
         default="LLM-Seg40K",
         metadata={"help": "folder of the LLM-Seg40K split jsons, relative to --dataset_dir"},
     )
+    multi_round_data: str = field(
+        default="mr_refcoco||mr_refcoco+||mr_refcocog",
+        metadata={"help": "multi_round family: MRSeg conversation files under mrseg/"},
+    )
+    max_rounds: int = field(
+        default=DEFAULT_MAX_ROUNDS,
+        metadata={"help": "multi_round training: rounds kept per conversation (SegLLM's 6)"},
+    )
+    history: str = field(
+        default="gt",
+        metadata={"help": "what a [REF:k] reference reads: gt (the ground-truth mask), "
+                  "predicted (the model's own earlier prediction; evaluation only), none "
+                  "(removed: the words only, the single-round baseline)",
+                  "choices": ["gt", "predicted", "none"]},
+    )  # fmt: skip
+    ref_placement: str = field(
+        default="inline",
+        metadata={"help": "where a reference's <ref> token goes: inline (where [REF:k] stands) "
+                  "or turn_start (SegLLM's place)", "choices": ["inline", "turn_start"]},
+    )  # fmt: skip
     val_dataset: str = field(default="ReasonSeg|val", metadata={"help": "evaluation set"})
     num_classes_per_sample: int = field(
         default=3, metadata={"help": "queries (conversations) per training image"}
@@ -90,6 +112,8 @@ def build_encoder(config, tokenizer, num_image_tokens: int) -> SampleEncoder:
         use_im_start_end="<im_start>" in tokenizer.get_vocab(),
         model_max_length=config.model_max_length,
         tokenization=resolve_tokenization(getattr(config, "tokenization", "auto"), tokenizer),
+        references="strip" if getattr(config, "history", "gt") == "none" else "auto",
+        ref_placement=getattr(config, "ref_placement", "inline"),
     )
     return SampleEncoder(tokenizer, conversation_format(config.conv_type), settings)
 
@@ -140,6 +164,20 @@ def _vqa_train(config) -> VQASource:
     return VQASource(load_vqa(config.dataset_dir, config.vqa_data), config.vqa_data)
 
 
+def _multi_round_train(config) -> MultiRoundSource:
+    return load_multi_round_train(
+        config.dataset_dir, config.sam_masks_dir, config.multi_round_data, config.max_rounds
+    )
+
+
+def _mrseg_eval(config, parts: list[str], with_proposals: bool):
+    """``MRSeg|<file stem>`` (e.g. ``MRSeg|mr_refcoco_val``): every usable conversation."""
+    if len(parts) < 2 or not parts[1]:
+        raise ValueError("--val_dataset MRSeg needs a file stem: MRSeg|mr_refcoco_val")
+    masks_dir = config.sam_masks_dir if with_proposals else None
+    return load_mrseg(config.dataset_dir, parts[1], masks_dir, strict=True)
+
+
 def _llmseg40k_train(config) -> LLMSeg40KSource:
     split = config.llmseg40k_data.partition("|")[2] or "train"
     questions = load_llmseg40k_split(
@@ -175,6 +213,7 @@ TRAIN_SOURCES: dict[str, Callable] = {
     "vqa": _vqa_train,
     "reason_seg": _reason_seg_train,
     "llmseg40k": _llmseg40k_train,
+    "multi_round": _multi_round_train,
 }
 # first '|' field of --val_dataset (lower-cased) -> builder of evaluation records
 EVAL_SETS: dict[str, Callable] = {
@@ -182,6 +221,7 @@ EVAL_SETS: dict[str, Callable] = {
     **{name: _refer_eval for name in SPLIT_BY},
     "llmseg40k": _llmseg40k_eval,
     "llm-seg40k": _llmseg40k_eval,
+    "mrseg": _mrseg_eval,
 }
 
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.data.references import REF_MARKER, parse_references, strip_references
 from utils.legacy_tokenizer import LegacyLlamaTokenizer
-from utils.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, SEG_TOKEN
+from utils.tokenizer import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, REF_TOKEN, SEG_TOKEN
 
 IGNORE_INDEX = -100
 
@@ -104,6 +105,9 @@ class EncodedConversation:
         num_seg: how many ``[SEG]`` tokens it holds (= target rows it needs).
         text: the rendered prompt before image expansion (for logs and visualisations).
         num_turns: how many ``(question, answer)`` turns it holds.
+        ref_rounds: for each ``<ref>`` token, in id order, the round (1-based turn) whose mask
+            it stands for (SegLLM references, see :mod:`utils.data.references`).
+        seg_turns: for each ``[SEG]`` token, in id order, the turn (1-based) it answers.
     """
 
     input_ids: torch.Tensor
@@ -111,6 +115,8 @@ class EncodedConversation:
     num_seg: int
     text: str
     num_turns: int = 1
+    ref_rounds: tuple[int, ...] = ()
+    seg_turns: tuple[int, ...] = ()
 
 
 def render(turns: list[tuple[str, str | None]], fmt: ConversationFormat) -> tuple[str, list]:
@@ -145,6 +151,8 @@ def encode_conversation(
     use_im_start_end: bool = True,
     max_length: int | None = None,
     legacy: LegacyLlamaTokenizer | None = None,
+    references: str = "tokens",
+    ref_placement: str = "inline",
 ) -> EncodedConversation:
     """Tokenise a conversation about one image, labelling only the answers.
 
@@ -157,7 +165,63 @@ def encode_conversation(
         max_length: raise :class:`SequenceTooLong` beyond this many tokens.
         legacy: tokenise as upstream's slow LLaMA tokenizer did (``tokenization:
             llava_legacy``) instead of with ``tokenizer`` itself (``hf``).
+        references: what a question's ``[REF:k]`` markers become: ``tokens`` (one ``<ref>`` per
+            named round; the tokenizer must hold ``<ref>``) or ``strip`` (removed; the words
+            "instance k" stay: a single-round model, or SegLLM without history).
+        ref_placement: ``inline`` (``<ref>`` where the marker stands) or ``turn_start``
+            (SegLLM's place, before the question's text).
+    Raises:
+        ValueError: a marker names no earlier round, or ``<ref>`` is missing from the vocabulary.
     """
+    turns, ref_rounds = _resolve_references(tokenizer, turns, references, ref_placement)
+    encoded = _encode_turns(tokenizer, turns, num_image_tokens, fmt, use_im_start_end, max_length,
+                            legacy)  # fmt: skip
+    encoded.ref_rounds = ref_rounds
+    encoded.seg_turns = tuple(
+        index
+        for index, (_, answer) in enumerate(turns, 1)
+        for _ in range((answer or "").count(SEG_TOKEN))
+    )
+    ref_id = tokenizer.convert_tokens_to_ids(REF_TOKEN) if ref_rounds else None
+    if ref_rounds and int((encoded.input_ids == ref_id).sum()) != len(ref_rounds):
+        raise ValueError(
+            f"{len(ref_rounds)} references but {int((encoded.input_ids == ref_id).sum())} "
+            f"{REF_TOKEN} tokens after tokenising: {encoded.text!r}"
+        )
+    if len(encoded.seg_turns) != encoded.num_seg:
+        raise ValueError(
+            f"the answers hold {len(encoded.seg_turns)} {SEG_TOKEN} but the ids "
+            f"{encoded.num_seg}: {encoded.text!r}"
+        )
+    return encoded
+
+
+def _resolve_references(tokenizer, turns, references: str, placement: str):
+    """``(turns with markers resolved, ref_rounds)`` (see :func:`encode_conversation`)."""
+    if references not in ("tokens", "strip"):
+        raise ValueError(f"references must be 'tokens' or 'strip', got {references!r}")
+    resolved, ref_rounds = [], []
+    for index, (question, answer) in enumerate(turns, 1):
+        if REF_MARKER.search(question) is None:
+            resolved.append((question, answer))
+            continue
+        parsed = parse_references(question, index, placement)  # validates the rounds
+        if references == "strip":
+            resolved.append((strip_references(question), answer))
+            continue
+        if REF_TOKEN not in tokenizer.get_vocab():
+            raise ValueError(
+                f"the tokenizer has no {REF_TOKEN} token (a single-round model): references "
+                f"in {question!r} need a model built with a mask encoder, or history 'none'"
+            )
+        resolved.append((parsed.text, answer))
+        ref_rounds.extend(parsed.references)
+    return resolved, tuple(ref_rounds)
+
+
+def _encode_turns(
+    tokenizer, turns, num_image_tokens, fmt, use_im_start_end, max_length, legacy
+) -> EncodedConversation:
     text, spans = render(turns, fmt)
     if text.count(IMAGE_TOKEN) != 1:
         raise ValueError(f"a conversation needs exactly one {IMAGE_TOKEN}, got: {text!r}")

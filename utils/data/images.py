@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -111,3 +112,47 @@ def preprocess_for_dinov2(
     padded = torch.zeros(3, size, size)
     padded[:, :height, :width] = (pixels - mean) / std
     return padded, (height, width)
+
+
+def mask_to_clip_grid(mask: np.ndarray, processor: CLIPImageProcessor, grid: int) -> torch.Tensor:
+    """``(grid, grid)`` fraction of each CLIP patch covered by ``mask``, in CLIP's own frame.
+
+    Mirrors :func:`preprocess_for_clip`: the shortest side resized to ``size["shortest_edge"]``
+    and a centre crop of ``crop_size`` (a processor without them: the whole image resized to
+    the crop), then an area average per patch, so pooling CLIP's patch grid with these weights
+    pools the pixels of the mask.
+
+    Args:
+        mask: ``(H, W)`` bool or {0, 1} at the image resolution.
+        processor: the CLIP image processor of the vision tower.
+        grid: patches per side (``sqrt(num_image_tokens)``).
+    """
+    mask = np.asarray(mask, dtype=np.float32)
+    height, width = mask.shape
+    crop = processor.crop_size or {}
+    crop_h, crop_w = int(crop.get("height", grid)), int(crop.get("width", grid))
+    shortest = (processor.size or {}).get("shortest_edge") if processor.do_resize else None
+    if shortest and processor.do_center_crop:
+        new_h, new_w = (
+            (shortest, int(shortest * width / height))
+            if height <= width
+            else (int(shortest * height / width), shortest)
+        )
+        resized = cv2.resize(mask, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+        resized = resized[max(top, 0) : max(top, 0) + crop_h, max(left, 0) : max(left, 0) + crop_w]
+    else:
+        resized = cv2.resize(mask, (crop_w, crop_h), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(cv2.resize(resized, (grid, grid), interpolation=cv2.INTER_AREA))
+
+
+def mask_geometry(mask: np.ndarray) -> torch.Tensor:
+    """``(5,)`` box ``x0, y0, x1, y1`` (``x1``/``y1`` exclusive) and area of a mask, each
+    normalised to the image (width, height, pixels); an empty mask gives zeros."""
+    mask = np.asarray(mask).astype(bool)
+    height, width = mask.shape
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return torch.zeros(5)
+    box = [xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height]
+    return torch.tensor([*box, mask.sum() / mask.size], dtype=torch.float32)

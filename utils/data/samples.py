@@ -9,6 +9,7 @@ targets, tokenisation), and :func:`collate` stacks samples into an ``LLMSegBatch
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.batch import LLMSegBatch
+from utils.batch import LLMSegBatch, ReferenceInputs
 from utils.data.conversation import (
     IGNORE_INDEX,
     ConversationFormat,
@@ -24,10 +25,17 @@ from utils.data.conversation import (
     SequenceTooLong,
     encode_conversation,
 )
-from utils.data.images import load_rgb_image, preprocess_for_clip, preprocess_for_dinov2
+from utils.data.images import (
+    load_rgb_image,
+    mask_geometry,
+    mask_to_clip_grid,
+    preprocess_for_clip,
+    preprocess_for_dinov2,
+)
 from utils.legacy_tokenizer import LegacyLlamaTokenizer
+from utils.masks import proposal_weight_maps
 from utils.proposal_store import ProposalReader, build_proposal_sample
-from utils.tokenizer import SEG_TOKEN
+from utils.tokenizer import REF_TOKEN, SEG_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +93,11 @@ class EncodedSample:
     proposal_iops: torch.Tensor  # (R, K)
     proposal_binary: torch.Tensor  # (K, h, w) bool at the store resolution
     masks: torch.Tensor  # (R, H, W) uint8 ground truth at the image resolution
+    # SegLLM references, one per <ref> token in conversation order (N = 0 without any)
+    reference_rows: torch.Tensor | None = None  # (N,) the mask row each reference copies
+    reference_clip_maps: torch.Tensor | None = None  # (N, g, g)
+    reference_geometry: torch.Tensor | None = None  # (N, 5)
+    reference_maps: torch.Tensor | None = None  # (N, M, M)
 
 
 @dataclass
@@ -101,6 +114,10 @@ class EncoderSettings:
     use_im_start_end: bool = True
     model_max_length: int = 512
     tokenization: str = "hf"  # or "llava_legacy" (utils.legacy_tokenizer)
+    # [REF:k] markers: "tokens" (<ref> + the round's mask), "strip" (words only), "auto"
+    # (tokens when the tokenizer holds <ref>)
+    references: str = "auto"
+    ref_placement: str = "inline"  # or "turn_start" (SegLLM's)
 
 
 class SampleEncoder:
@@ -125,6 +142,9 @@ class SampleEncoder:
             if settings.tokenization == "llava_legacy"
             else None
         )
+        self.references = settings.references
+        if self.references == "auto":
+            self.references = "tokens" if REF_TOKEN in tokenizer.get_vocab() else "strip"
 
     def _encode(self, turns: Turns) -> EncodedConversation:
         return encode_conversation(
@@ -135,6 +155,8 @@ class SampleEncoder:
             self.settings.use_im_start_end,
             self.settings.model_max_length,
             legacy=self.legacy,
+            references=self.references,
+            ref_placement=self.settings.ref_placement,
         )
 
     def encode_text_dialogue(self, turns: Turns) -> EncodedConversation:
@@ -191,6 +213,7 @@ class SampleEncoder:
                 f"{(total_seg, height, width)}, got {masks.shape}"
             )
         masks = torch.from_numpy(np.ascontiguousarray(masks[rows]))
+        reference_rows = _reference_rows(conversations, record)
         dino_pixels, resized_hw = preprocess_for_dinov2(image, self.settings.dino_image_size)
         if record.proposals is not None:
             try:
@@ -227,7 +250,63 @@ class SampleEncoder:
             proposal_iops=iops,
             proposal_binary=binary,
             masks=masks,
+            **self._reference_inputs(masks, reference_rows),
         )
+
+    def encode_reference_masks(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the model reads of each mask a ``<ref>`` stands for (ground truth in training,
+        the model's own earlier predictions in autoregressive evaluation).
+
+        Args:
+            masks: ``(N, H, W)`` at the image resolution (nonzero and not 255 = the object).
+        Returns:
+            ``reference_clip_maps (N, g, g)``, ``reference_geometry (N, 5)``,
+            ``reference_maps (N, M, M)``.
+        """
+        grid = math.isqrt(self.settings.num_image_tokens)
+        if grid * grid != self.settings.num_image_tokens:
+            raise ValueError(
+                f"references need a square CLIP patch grid; {self.settings.num_image_tokens} "
+                "image tokens are not one (a CLS token too?)"
+            )
+        binary = ((masks > 0) & (masks != 255)).numpy() if len(masks) else np.zeros((0, 1, 1))
+        size = self.settings.map_size
+        return {
+            "reference_clip_maps": torch.stack(
+                [mask_to_clip_grid(m, self.settings.clip_processor, grid) for m in binary]
+            ) if len(binary) else torch.zeros((0, grid, grid)),
+            "reference_geometry": torch.stack([mask_geometry(m) for m in binary])
+            if len(binary) else torch.zeros((0, 5)),
+            "reference_maps": proposal_weight_maps(
+                torch.from_numpy(binary), size, self.settings.antialias
+            ) if len(binary) else torch.zeros((0, size, size)),
+        }  # fmt: skip
+
+    def _reference_inputs(self, masks: torch.Tensor, rows: list[int]) -> dict:
+        if not rows:
+            return {}
+        inputs = self.encode_reference_masks(masks[rows])
+        return {"reference_rows": torch.tensor(rows, dtype=torch.long), **inputs}
+
+
+def _reference_rows(conversations: list[EncodedConversation], record) -> list[int]:
+    """For every ``<ref>`` of the kept conversations, in order, the (kept) mask row of the round
+    it names: the first ``[SEG]`` of that round's answer.
+
+    Raises:
+        ValueError: a referenced round has no ``[SEG]`` (its mask is not known).
+    """
+    rows, offset = [], 0
+    for conversation in conversations:
+        for round_index in conversation.ref_rounds:
+            if round_index not in conversation.seg_turns:
+                raise ValueError(
+                    f"{record.image_path}: a question refers to round {round_index}, whose answer "
+                    f"has no {SEG_TOKEN}: {conversation.text!r}"
+                )
+            rows.append(offset + conversation.seg_turns.index(round_index))
+        offset += conversation.num_seg
+    return rows
 
 
 def collate_batch(samples: list[EncodedSample], pad_token_id: int) -> LLMSegBatch:
@@ -262,5 +341,28 @@ def collate(samples: list[EncodedSample], pad_token_id: int) -> tuple[LLMSegBatc
         proposal_masks=[s.proposal_masks for s in samples],
         proposal_ious=[s.proposal_ious for s in samples],
         proposal_iops=[s.proposal_iops for s in samples],
+        references=collate_references(samples),
     )
     return batch, samples
+
+
+def collate_references(samples: list[EncodedSample]) -> ReferenceInputs | None:
+    """The samples' references in batch order (samples, then their ``<ref>`` order), with each
+    reference's IoU target row copied from the round it names; ``None`` without any."""
+    counts = [0 if s.reference_rows is None else len(s.reference_rows) for s in samples]
+    if not any(counts):
+        return None
+    present = [s for s in samples if s.reference_rows is not None]
+    ious = []
+    for sample in samples:
+        if sample.reference_rows is None:
+            ious.append(sample.proposal_ious.new_zeros((0, sample.proposal_ious.shape[1])))
+        else:
+            ious.append(sample.proposal_ious[sample.reference_rows])
+    return ReferenceInputs(
+        clip_maps=torch.cat([s.reference_clip_maps for s in present]),
+        geometry=torch.cat([s.reference_geometry for s in present]),
+        proposal_maps=torch.cat([s.reference_maps for s in present]),
+        image_index=torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts)),
+        ious=ious,
+    )

@@ -1,0 +1,71 @@
+"""The ``multi_round`` training family: SegLLM-style conversations whose later rounds refer to
+earlier ones (``[REF:k]`` markers, :mod:`utils.data.references`).
+
+Sources are MRSeg conversation files (:mod:`utils.data.mrseg`), named by ``--multi_round_data``
+(``"mr_refcoco||mr_refcoco+||mr_refcocog"``, stems under ``<dataset_dir>/mrseg/``). A training
+sample is one conversation of a uniformly chosen file, cut to its first ``--max_rounds`` rounds
+(SegLLM's ``--limit_rounds``, 6): a reference only ever names an earlier round, so a cut never
+leaves one dangling. Proposals come from the existing stores (``coco2014`` for refCOCO images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+
+import numpy as np
+
+from utils.data.mrseg import load_mrseg
+from utils.data.samples import SegmentationRecord
+
+DEFAULT_MAX_ROUNDS = 6
+
+
+def _first_rows(masks, count: int, height: int, width: int) -> np.ndarray:
+    return masks(height, width)[:count]
+
+
+def truncate_rounds(record: SegmentationRecord, max_rounds: int) -> SegmentationRecord:
+    """``record`` with its (single) conversation cut to the first ``max_rounds`` rounds and the
+    masks cut alike (one ``[SEG]`` per round); unchanged when it is no longer."""
+    (turns,) = record.conversations
+    if len(turns) <= max_rounds:
+        return record
+    return dataclasses.replace(
+        record,
+        conversations=[turns[:max_rounds]],
+        masks=functools.partial(_first_rows, record.masks, max_rounds),
+        queries=record.queries[:max_rounds],
+    )
+
+
+class MultiRoundSource:
+    """Training source: a uniformly chosen conversation file, then a random conversation of it,
+    cut to ``max_rounds`` rounds."""
+
+    name = "multi_round"
+
+    def __init__(self, files: dict[str, list[SegmentationRecord]], max_rounds: int):
+        self.files = {name: records for name, records in files.items() if records}
+        if not self.files:
+            raise ValueError("multi_round training source has no conversations")
+        if max_rounds < 1:
+            raise ValueError(f"--max_rounds must be at least 1, got {max_rounds}")
+        self.names = sorted(self.files)
+        self.max_rounds = max_rounds
+
+    def sample_record(self, rng: random.Random) -> SegmentationRecord:
+        records = self.files[self.names[rng.randrange(len(self.names))]]
+        return truncate_rounds(records[rng.randrange(len(records))], self.max_rounds)
+
+
+def load_multi_round_train(
+    dataset_dir, sam_masks_dir, names: str, max_rounds: int = DEFAULT_MAX_ROUNDS
+) -> MultiRoundSource:
+    """The :class:`MultiRoundSource` of ``--multi_round_data`` (``"mr_refcoco||..."``); missing
+    images or proposals are skipped and counted, as for every training family."""
+    files = {}
+    for name in (n.strip() for n in names.split("||") if n.strip()):
+        files[name] = load_mrseg(dataset_dir, name, sam_masks_dir, strict=False)
+    return MultiRoundSource(files, max_rounds)
