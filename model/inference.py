@@ -239,6 +239,18 @@ class Segmenter:
         )
         return encoded.input_ids, encoded.text
 
+    def encode_turns(self, turns: list[tuple[str, str | None]]) -> torch.Tensor:
+        """``(L,)`` ids of a whole multi-round conversation (``[REF:k]`` markers become
+        ``<ref>`` tokens for a model with SegLLM parts); no length limit: a conversation grows
+        with its rounds and the language model handles its own context length."""
+        references = "tokens" if self.model.ref_token_id is not None else "strip"
+        encoded = encode_conversation(
+            self.tokenizer, turns, self.model.num_image_tokens, self.format,
+            self.manifest.architecture.use_im_start_end, None, legacy=self.legacy,
+            references=references,
+        )  # fmt: skip
+        return encoded.input_ids
+
     def _model_text(self, prompt: str) -> str:
         """The rendered prompt with the image tags the model reads around ``<image>``."""
         if self.manifest.architecture.use_im_start_end:

@@ -62,7 +62,11 @@ def _settings(config) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
     """An image with the five boxes and a proposal store holding them (+ background)."""
-    root = tmp_path_factory.mktemp("scene")
+    return write_scene(tmp_path_factory.mktemp("scene"))
+
+
+def write_scene(root):
+    """Write ``scene.png`` (the five boxes) and ``store/`` (them + the background) into ``root``."""
     pixels = np.full((HEIGHT, WIDTH, 3), 60, np.uint8)
     for index, mask in enumerate(OBJECTS.values()):
         pixels[mask.astype(bool)] = (40 * index + 50, 200 - 30 * index, 90)

@@ -254,39 +254,59 @@ class SampleEncoder:
         )
 
     def encode_reference_masks(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What the model reads of each mask a ``<ref>`` stands for (ground truth in training,
-        the model's own earlier predictions in autoregressive evaluation).
-
-        Args:
-            masks: ``(N, H, W)`` at the image resolution (nonzero and not 255 = the object).
-        Returns:
-            ``reference_clip_maps (N, g, g)``, ``reference_geometry (N, 5)``,
-            ``reference_maps (N, M, M)``.
-        """
-        grid = math.isqrt(self.settings.num_image_tokens)
-        if grid * grid != self.settings.num_image_tokens:
-            raise ValueError(
-                f"references need a square CLIP patch grid; {self.settings.num_image_tokens} "
-                "image tokens are not one (a CLS token too?)"
-            )
-        binary = ((masks > 0) & (masks != 255)).numpy() if len(masks) else np.zeros((0, 1, 1))
-        size = self.settings.map_size
-        return {
-            "reference_clip_maps": torch.stack(
-                [mask_to_clip_grid(m, self.settings.clip_processor, grid) for m in binary]
-            ) if len(binary) else torch.zeros((0, grid, grid)),
-            "reference_geometry": torch.stack([mask_geometry(m) for m in binary])
-            if len(binary) else torch.zeros((0, 5)),
-            "reference_maps": proposal_weight_maps(
-                torch.from_numpy(binary), size, self.settings.antialias
-            ) if len(binary) else torch.zeros((0, size, size)),
-        }  # fmt: skip
+        """:func:`encode_reference_masks` with this encoder's settings."""
+        settings = self.settings
+        return encode_reference_masks(
+            masks, settings.clip_processor, settings.num_image_tokens, settings.map_size,
+            settings.antialias,
+        )  # fmt: skip
 
     def _reference_inputs(self, masks: torch.Tensor, rows: list[int]) -> dict:
         if not rows:
             return {}
         inputs = self.encode_reference_masks(masks[rows])
         return {"reference_rows": torch.tensor(rows, dtype=torch.long), **inputs}
+
+
+def encode_reference_masks(
+    masks: torch.Tensor,
+    clip_processor,
+    num_image_tokens: int,
+    map_size: int,
+    antialias: bool = True,
+) -> dict[str, torch.Tensor]:
+    """What the model reads of each mask a ``<ref>`` stands for (ground truth in training, the
+    model's own earlier predictions in autoregressive evaluation and in a chat session).
+
+    Args:
+        masks: ``(N, H, W)`` at the image resolution (nonzero and not 255 = the object).
+        clip_processor: the vision tower's image processor (its resize/crop frame).
+        num_image_tokens: CLIP patches per image (a square grid).
+        map_size: side of the proposal weight maps.
+    Returns:
+        ``reference_clip_maps (N, g, g)``, ``reference_geometry (N, 5)``,
+        ``reference_maps (N, M, M)``.
+    """
+    grid = math.isqrt(num_image_tokens)
+    if grid * grid != num_image_tokens:
+        raise ValueError(
+            f"references need a square CLIP patch grid; {num_image_tokens} image tokens are not "
+            "one (a CLS token too?)"
+        )
+    if len(masks) == 0:
+        return {
+            "reference_clip_maps": torch.zeros((0, grid, grid)),
+            "reference_geometry": torch.zeros((0, 5)),
+            "reference_maps": torch.zeros((0, map_size, map_size)),
+        }
+    binary = ((masks > 0) & (masks != 255)).numpy()
+    return {
+        "reference_clip_maps": torch.stack(
+            [mask_to_clip_grid(m, clip_processor, grid) for m in binary]
+        ),
+        "reference_geometry": torch.stack([mask_geometry(m) for m in binary]),
+        "reference_maps": proposal_weight_maps(torch.from_numpy(binary), map_size, antialias),
+    }
 
 
 def _reference_rows(conversations: list[EncodedConversation], record) -> list[int]:
