@@ -11,12 +11,19 @@ Export a training run (``python -m model.export``) or convert the official check
         --proposal_store sam_masks/reason_seg/ReasonSeg/val --input pairs.jsonl
     # interactive: asks for an image path, then a query, until an empty line
     python chat.py --model_dir exported/llmseg --sam_checkpoint sam_vit_h_4b8939.pth
+    # SegLLM conversation (a multi-round export): rounds about one image, [REF:k] names the
+    # mask of round k; interactive ("clear history", "exit") or a jsonl of
+    # {"image": ..., "rounds": ["segment the batter", "the helmet of instance 1 [REF:1]"]}
+    python chat.py --model_dir exported/segllm --multi_round --input conversations.jsonl
 
 Per query, ``--out_dir`` receives ``<name>_mask.png`` (0/255, the union of the ``[SEG]`` masks),
 ``<name>_overlay.png`` (the mask in red with the answer above it) and ``<name>.json`` (answer,
 selected proposals, every proposal's cosine and IoP). Without a ``[SEG]`` in the answer the mask
 is empty and both the answer and the JSON say why. Batch modes write ``summary.json`` listing
-any inputs that failed (unreadable image, missing proposals) with the reason.
+any inputs that failed (unreadable image, missing proposals) with the reason. With
+``--multi_round`` every conversation writes ``<out_dir>/<image stem>/round_<k>_mask.png``,
+``round_<k>_overlay.png`` (this round in red, the rounds it refers to outlined in yellow) and
+``round_<k>.json``; each round reuses the image features and the KV cache of the earlier ones.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from model.inference import (
     Segmenter,
     StoreProposals,
 )
+from model.multi_round_inference import MultiRoundSession, RoundResult
 from prepare_datasets.proposals.generator import GeneratorConfig, build_generator
 from utils.checkpoint import CheckpointError
 from utils.config import parse_config, save_config
@@ -105,6 +113,12 @@ class ChatConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     vision_tower: str = field(default="", metadata={"help": "override the export's CLIP path"})
     dinov2: str = field(default="", metadata={"help": "override the export's DINOv2 path"})
+    multi_round: bool = field(
+        default=False,
+        metadata={"help": "a conversation about one image (a model exported with --mask_encoder): "
+                  "[REF:k] in a query names round k's mask; interactive, or --input a jsonl "
+                  "of {\"image\", \"rounds\": [...]}"},
+    )  # fmt: skip
     show_prompt: bool = field(
         default=False,
         metadata={"help": "print the exact text, tokens and ids the model reads (the image as "
@@ -342,6 +356,108 @@ def interactive(segmenter: Segmenter, out_dir: Path, show_prompt: bool = False) 
     return records
 
 
+def write_round(out_dir: Path, image: np.ndarray, result: RoundResult, rounds: list) -> dict:
+    """Write one round's mask, overlay and JSON into ``out_dir``; return the JSON record."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"round_{result.index}"
+    _save_png(result.mask.astype(np.uint8) * 255, out_dir / f"{stem}_mask.png")
+    shown = overlay(image, result.mask, (255, 0, 0))
+    for k in result.references:  # the referenced rounds' masks outlined
+        contours, _ = cv2.findContours(
+            rounds[k - 1].mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+        )
+        cv2.drawContours(shown, contours, -1, (255, 220, 0), 1)
+    _save_png(
+        _captioned(shown, f"round {result.index}: {result.query}"), out_dir / f"{stem}_overlay.png"
+    )
+    record = {
+        "round": result.index,
+        "query": result.query,
+        "references": list(result.references),
+        "mask": f"{stem}_mask.png",
+        "overlay": f"{stem}_overlay.png",
+        "mask_area": int(result.mask.sum()),
+        "box": result.box,
+        "selected": result.scores.selected,
+        "proposals": [asdict(p) for p in result.scores.proposals],
+        "cached_tokens": result.cached_tokens,
+    }
+    tmp = out_dir / f"{stem}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out_dir / f"{stem}.json")
+    return record
+
+
+def run_conversation(segmenter: Segmenter, image_path: Path, queries: list[str], out_dir: Path,
+                     key: str = "") -> list[dict]:  # fmt: skip
+    """Every round of one conversation about ``image_path``, written to ``out_dir/<stem>/``."""
+    image = load_rgb_image(image_path)
+    session = MultiRoundSession(segmenter, image, key or image_path.name)
+    folder = out_dir / image_path.stem
+    return [write_round(folder, image, session.ask(q), session.rounds) for q in queries]
+
+
+def read_conversations(path: Path) -> list[tuple[Path, list[str], str]]:
+    """``(image, rounds, key)`` per line of a jsonl of ``{"image", "rounds"[, "key"]}``."""
+    conversations = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            image, rounds = Path(record["image"]), [str(q) for q in record["rounds"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f'{path}:{number}: expected {{"image": ..., "rounds": [...]}} ({error})'
+            ) from None
+        if not rounds:
+            raise ValueError(f"{path}:{number}: 'rounds' is empty")
+        image = image if image.is_absolute() else path.parent / image
+        conversations.append((image, rounds, str(record.get("key", image.name))))
+    if not conversations:
+        raise ValueError(f"{path}: no conversations")
+    return conversations
+
+
+def interactive_multi_round(segmenter: Segmenter, out_dir: Path, image_path: str = "") -> int:
+    """Ask for an image, then one query per round; ``clear history`` starts over, ``exit``
+    (or an empty line) asks for a new image. Returns how many rounds were answered."""
+    answered = 0
+    while True:
+        try:
+            path = image_path or input("Image path (empty line to quit): ").strip()
+        except EOFError:
+            return answered
+        if not path:
+            return answered
+        image_path = ""
+        try:
+            image = load_rgb_image(Path(path))
+        except ImageReadError as error:
+            sys.stdout.write(f"error: {error}\n")
+            continue
+        session = MultiRoundSession(segmenter, image, Path(path).name)
+        while True:
+            try:
+                query = input(f"Round {len(session.rounds) + 1} ([REF:k] names round k): ").strip()
+            except EOFError:
+                return answered
+            if query in ("", "exit"):
+                break
+            if query == "clear history":
+                session.clear()
+                sys.stdout.write("history cleared\n")
+                continue
+            try:
+                result = session.ask(query)
+            except INPUT_ERRORS as error:
+                sys.stdout.write(f"error: {error}\n")
+                continue
+            record = write_round(out_dir / Path(path).stem, image, result, session.rounds)
+            answered += 1
+            sys.stdout.write(f"Mask: {out_dir / Path(path).stem / record['mask']}\n")
+
+
 def main(config: ChatConfig, segmenter: Segmenter | None = None):
     """Run ``config``: one image, a batch, or the interactive prompt.
 
@@ -354,6 +470,8 @@ def main(config: ChatConfig, segmenter: Segmenter | None = None):
     setup_logging()
     if config.image and config.input:
         raise ValueError("give --image or --input, not both")
+    if config.multi_round:
+        return _main_multi_round(config, segmenter)
     items = list_inputs(config) if (config.image or config.input) else None
     segmenter = segmenter or build_segmenter(config)  # fails before anything is written
     out_dir = Path(config.out_dir)
@@ -363,6 +481,20 @@ def main(config: ChatConfig, segmenter: Segmenter | None = None):
     if config.image:
         return run_item(segmenter, items[0], out_dir, config.show_prompt)
     return run_batch(segmenter, items, out_dir, config.show_prompt)
+
+
+def _main_multi_round(config: ChatConfig, segmenter: Segmenter | None):
+    conversations = read_conversations(Path(config.input)) if config.input else None
+    segmenter = segmenter or build_segmenter(config)
+    if segmenter.model.mask_encoder is None:
+        raise ValueError(
+            f"--multi_round needs a model exported with SegLLM parts: {config.model_dir}"
+        )
+    out_dir = Path(config.out_dir)
+    save_config(config, out_dir / "chat_config.json")
+    if conversations is None:
+        return interactive_multi_round(segmenter, out_dir, config.image)
+    return [run_conversation(segmenter, *c[:2], out_dir, c[2]) for c in tqdm(conversations)]
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def test_reference_markers_parse_and_validate():
     first = parse_references("the cup [REF:1] now", 2, "turn_start")
     assert first == parse_references("the cup [REF:1] now", 2, "turn_start")
     assert first.text == f"{REF_TOKEN}the cup now"
-    assert strip_references("the hat of instance 1 [REF:1].") == "the hat of instance 1 ."
+    assert strip_references("the hat of instance 1 [REF:1].") == "the hat of instance 1."
+    assert strip_references("[REF:1] the hat [REF:1] now") == "the hat now"
     for query, round_index in (("[REF:2]", 2), ("[REF:0]", 2), ("[REF:3]", 2)):
         with pytest.raises(ValueError, match="not an earlier round"):
             parse_references(query, round_index)
@@ -260,7 +261,7 @@ def test_rounds_without_references_score_as_the_single_round_model(scene, tiny_c
     encoder = build_encoder(_settings(single_config), single_tokenizer, 16)
     sample = encoder(record(scene, THREE_ROUNDS, ["red", "left", "below"]))
     assert sample.reference_rows is None
-    assert "instance 1 ." in sample.conversations[0].text
+    assert "The box under instance 1, not like instance 2." in sample.conversations[0].text
 
 
 def _train(model, batch, steps: int, lr: float = 3e-3) -> None:

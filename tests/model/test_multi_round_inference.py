@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import chat
 from model.builder import build_llm_seg, setup_trainable, tiny_llm_seg_config
 from model.export import ExportManifest, describe_model, load_exported, save_export
 from model.inference import InferenceSettings, Segmenter, StoreProposals, build_question
@@ -111,3 +113,43 @@ def test_a_single_round_model_refuses_references(tiny_checkpoints, scene, tmp_pa
     session.ask(QUERIES[0])
     with pytest.raises(ValueError, match="no SegLLM parts"):
         session.ask(QUERIES[1])
+
+
+def test_chat_multi_round_script_and_interactive(exported, scene, tmp_path, monkeypatch, capsys):
+    loaded, _ = exported
+    conversations = tmp_path / "conversations.jsonl"
+    image = scene / "scene.png"
+    conversations.write_text(json.dumps({"image": str(image), "rounds": QUERIES}) + "\n")
+    base = dict(
+        model_dir=str(loaded.folder), proposals="store", proposal_store=str(scene / "store"),
+        precision="fp32", device="cpu", multi_round=True, selection="argmax",
+    )  # fmt: skip
+    (records,) = chat.main(
+        chat.ChatConfig(**base, input=str(conversations), out_dir=str(tmp_path / "o"))
+    )
+    folder = tmp_path / "o" / "scene"
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r["references"] for r in records] == [[], [1], [1, 2]]
+    session = _session(loaded, scene)
+    for written, query in zip(records, QUERIES):
+        expected = session.ask(query).mask
+        saved = np.asarray(Image.open(folder / written["mask"])) > 0
+        np.testing.assert_array_equal(saved, expected)
+        assert json.loads((folder / f"round_{written['round']}.json").read_text()) == written
+        assert (folder / written["overlay"]).is_file()
+    assert records[1]["cached_tokens"] > 0
+    # Interactive: rounds, a bad reference (an error line, not a crash), clear history, exit.
+    answers = iter([str(image), QUERIES[0], "the box [REF:5]", QUERIES[1], "clear history",
+                    QUERIES[0], "exit", ""])  # fmt: skip
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    answered = chat.main(chat.ChatConfig(**base, out_dir=str(tmp_path / "i")))
+    assert answered == 3
+    printed = capsys.readouterr().out
+    assert "error: round 2 refers to round 5" in printed
+    assert "history cleared" in printed
+    # A model without SegLLM parts is refused before anything is written.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: expected"):
+        chat.main(chat.ChatConfig(**base, input=str(bad), out_dir=str(tmp_path / "b")))
+    assert not (tmp_path / "b").exists()

@@ -4,7 +4,9 @@ The reference ids in ``tests/data/upstream_tokenization/`` were made by transfor
 4.29.0 (slow ``LlamaTokenizer``, legacy mode, LLaVA's ``tokenizer_image_token`` and LISA's label
 arithmetic) from a tiny sentencepiece tokenizer saved the way LISA's folder is
 (``make_reference.py`` there says how). Here transformers 5 loads the same folder and the
-project's encoder must give the same ids, labels and ``[SEG]`` positions.
+project's encoder must give the same ids, labels and ``[SEG]`` positions. The multi-round cases
+(SegLLM) add ``<ref>``: upstream tokenized ``<ref>`` written into the text, the project encodes the
+same turns written with ``[REF:k]`` markers.
 """
 
 import json
@@ -19,11 +21,13 @@ from utils.legacy_tokenizer import (
     resolve_tokenization,
     sentencepiece_file,
 )
-from utils.tokenizer import IMAGE_TOKEN, SEG_TOKEN, add_llm_seg_tokens, load_tokenizer
+from utils.tokenizer import IMAGE_TOKEN, REF_TOKEN, SEG_TOKEN, add_llm_seg_tokens, load_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "upstream_tokenization"
 REFERENCE = json.loads((DATA / "reference_ids.json").read_text())
-CASES = {c["name"]: c for c in json.loads((DATA / "cases.json").read_text())["cases"]}
+_CASES_FILE = json.loads((DATA / "cases.json").read_text())
+CASES = {c["name"]: c for c in _CASES_FILE["cases"]}
+MULTI_ROUND_CASES = {c["name"]: c for c in _CASES_FILE["multi_round_cases"]}
 NUM_IMAGE_TOKENS = 3
 UPSTREAM_IMAGE_ID = -200
 
@@ -35,18 +39,31 @@ def tokenizer():
     return tokenizer
 
 
+@pytest.fixture(scope="module")
+def ref_tokenizer():
+    """The fixture folder with ``<ref>`` added as a SegLLM model adds it."""
+    tokenizer = load_tokenizer(str(DATA / "tokenizer"))
+    add_llm_seg_tokens(tokenizer, use_im_start_end=True, use_ref=True)
+    return tokenizer
+
+
 def _collapse_image(values: list[int], image_positions: list[int], placeholder: int) -> list[int]:
     """Our ``num_image_tokens`` image ids -> upstream's single ``-200`` placeholder."""
     first, last = image_positions[0], image_positions[-1]
     return values[:first] + [placeholder] + values[last + 1 :]
 
 
-def encode_like_upstream(tokenizer, case: dict, legacy):
-    """``(ids, labels, seg_positions)`` of a reference case, image collapsed to ``-200``."""
-    turns = [tuple(turn) for turn in CASES[case["name"]]["turns"]]
+def encode_like_upstream(tokenizer, case: dict, legacy, turns=None, **options):
+    """``(ids, labels, seg_positions)`` of a reference case, image collapsed to ``-200``.
+
+    ``turns`` default to the case's in ``cases.json``; ``options`` go to ``encode_conversation``.
+    """
+    if turns is None:
+        turns = CASES[case["name"]]["turns"]
+    turns = [tuple(turn) for turn in turns]
     encoded = encode_conversation(
         tokenizer, turns, NUM_IMAGE_TOKENS, CONVERSATION_FORMATS["llava_v1"],
-        case["use_im_start_end"], legacy=legacy,
+        case["use_im_start_end"], legacy=legacy, **options,
     )  # fmt: skip
     ids, labels = encoded.input_ids.tolist(), encoded.labels.tolist()
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -77,6 +94,32 @@ def test_ids_labels_and_seg_positions_equal_upstream(tokenizer, name):
     ids, labels, seg_positions = encode_like_upstream(tokenizer, case, legacy)
     assert ids == case["input_ids"]
     assert seg_positions == case["seg_positions"]
+    if case["labels"] is not None:
+        assert not case["label_mismatch"]
+        assert labels == case["labels"]
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in REFERENCE["multi_round_cases"]])
+def test_multi_round_references_equal_upstream(ref_tokenizer, name):
+    """``[REF:k]`` markers -> ``<ref>`` ids, labels, ``[SEG]`` and ``<ref>`` positions exactly as
+    upstream's tokenizer gave for the same turns with ``<ref>`` written in."""
+    case = next(c for c in REFERENCE["multi_round_cases"] if c["name"] == name)
+    ref_id = ref_tokenizer.convert_tokens_to_ids(REF_TOKEN)
+    # Upstream has no <image> row (it writes -200), so its <ref> comes one id earlier than ours,
+    # which follows <image>: the same token, compared as such.
+    assert ref_id == case["ref_id"] + 1
+    assert ref_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == case["ref_id"]
+    legacy = LegacyLlamaTokenizer.from_tokenizer(ref_tokenizer)
+    ids, labels, seg_positions = encode_like_upstream(
+        ref_tokenizer, case, legacy, turns=MULTI_ROUND_CASES[name]["markers"],
+        references="tokens", ref_placement=case["ref_placement"],
+    )  # fmt: skip
+    ids = [case["ref_id"] if t == ref_id else t for t in ids]
+    labels = [case["ref_id"] if t == ref_id else t for t in labels]
+    ref_id = case["ref_id"]
+    assert ids == case["input_ids"]
+    assert seg_positions == case["seg_positions"]
+    assert [i for i, t in enumerate(ids) if t == ref_id] == case["ref_positions"]
     if case["labels"] is not None:
         assert not case["label_mismatch"]
         assert labels == case["labels"]

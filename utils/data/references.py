@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from utils.tokenizer import REF_TOKEN
 
 REF_MARKER = re.compile(r"\[REF:\s*(\d+(?:\s*,\s*\d+)*)\s*\]")
+# A marker with the spaces before it: removing it leaves "instance 2." from "instance 2 [REF:2]."
+_MARKER_AND_SPACE = re.compile(r"\s*" + REF_MARKER.pattern)
 REF_PLACEMENTS = ("inline", "turn_start")
 
 
@@ -67,7 +69,7 @@ def parse_references(query: str, round_index: int, placement: str = "inline") ->
         references.extend(rounds)
         return REF_TOKEN * len(rounds) if placement == "inline" else ""
 
-    text = REF_MARKER.sub(replace, query)
+    text = (REF_MARKER if placement == "inline" else _MARKER_AND_SPACE).sub(replace, query)
     if placement == "turn_start" and references:
         text = REF_TOKEN * len(references) + re.sub(r"\s{2,}", " ", text).strip()
     return ParsedQuery(text, tuple(references))
@@ -75,4 +77,4 @@ def parse_references(query: str, round_index: int, placement: str = "inline") ->
 
 def strip_references(query: str) -> str:
     """The query without its markers (what a single-round model reads: the words only)."""
-    return re.sub(r"\s{2,}", " ", REF_MARKER.sub("", query)).strip()
+    return re.sub(r"\s{2,}", " ", _MARKER_AND_SPACE.sub("", query)).strip()

@@ -5,6 +5,15 @@ turned a llava_v1 conversation into ``input_ids`` and training ``labels`` with t
 sentencepiece ``LlamaTokenizer`` (legacy mode), ``tokenizer_image_token`` (``<image>`` -> -200)
 and LISA's ``collate_fn`` label masking. The cases come from ``cases.json`` beside this file.
 
+``cases.json`` has two lists. ``cases``: single- and multi-turn LISA/LLM-Seg prompts (their text is
+also in the sentencepiece training corpus). ``multi_round_cases``: SegLLM multi-round conversations
+whose later questions hold ``<ref>`` tokens, written in (``turns``; each case also has ``markers``,
+the same turns with the project's ``[REF:k]`` markers, and ``ref_placement``, which are for the
+project's test and are not read here). They are tokenized with ``<ref>`` added to the loaded
+tokenizer as the project adds it, ``add_tokens(["<ref>"], special_tokens=True)`` after ``[SEG]``
+(so it gets the next id); that tokenizer is never saved, and these cases are not in the training
+corpus, so ``tokenizer/`` is the same with or without them.
+
 Files it produces (all beside this file):
 
 * ``tokenizer/``: a tiny LLaMA-style tokenizer folder as 4.31.0's ``save_pretrained`` writes one
@@ -16,7 +25,9 @@ Files it produces (all beside this file):
   on an English corpus built in this script (single thread, no shuffling, no sampling).
 * ``reference_ids.json``: per case the rendered prompt, ``input_ids``, token strings, ``labels``
   (``null`` for a generation prompt), ``label_mismatch`` and ``seg_positions``; plus the special ids
-  and the transformers versions that produced identical results.
+  and the transformers versions that produced identical results. ``multi_round_cases`` entries
+  also hold ``ref_placement``, ``ref_id`` (the id ``<ref>`` got) and ``ref_positions`` (the
+  indices of ``<ref>`` in ``input_ids``).
 
 How to rerun (from this folder; any throwaway venvs, never the project's venv)::
 
@@ -67,6 +78,7 @@ IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
 IM_PATCH, IM_START, IM_END, SEG = "<im_patch>", "<im_start>", "<im_end>", "[SEG]"
+REF = "<ref>"  # SegLLM's placeholder for an earlier round's mask (multi_round_cases only)
 MODEL_MAX_LENGTH = 512  # LISA / LLM-Seg train with model_max_length=512, right padding
 VOCAB_SIZE = 1000
 UPSTREAM_VERSIONS = ("4.29.0", "4.31.0")
@@ -99,6 +111,7 @@ def training_corpus(cases: dict) -> list[str]:
     """
     fmt = cases["conversation_format"]
     # the template is frequent (as chat text is in LLaMA's data), so its words get merged pieces
+    # (only "cases": adding multi_round_cases must not change the model)
     lines = [fmt["system"], " ".join(f"{r}:" for r in fmt["roles"])] * 40
     for case in cases["cases"]:
         for question, answer in case["turns"]:
@@ -320,22 +333,33 @@ def lisa_labels(
 
 
 def compute_reference(
-    cases: dict, encode, bos_id: int, pad_id: int, seg_id: int, id_to_token
+    cases: dict,
+    encode,
+    bos_id: int,
+    pad_id: int,
+    seg_id: int,
+    id_to_token,
+    key: str = "cases",
+    ref_id: int | None = None,
 ) -> list[dict]:
+    """The reference entries of ``cases[key]``; ``ref_id``: the id of ``<ref>`` (multi-round)."""
     fmt = cases["conversation_format"]
     out = []
-    for case in cases["cases"]:
+    for case in cases[key]:
         use_se = case.get("use_im_start_end", cases["use_im_start_end"])
         prompt = render_prompt(fmt, case["turns"], use_se)
+        if ref_id is None:
+            assert REF not in prompt, case["name"]
+        assert "[REF:" not in prompt, case["name"]  # upstream never saw the project's markers
         ids = image_token_ids(prompt, encode, bos_id)
         closed = case["turns"][-1][1] is not None
         labels, mismatch = None, None
         if closed:
             labels, mismatch = lisa_labels(prompt, ids, encode, bos_id, pad_id, fmt)
-        entry = {
-            "name": case["name"],
-            "family": case["family"],
-            "use_im_start_end": use_se,
+        entry = {"name": case["name"], "family": case["family"], "use_im_start_end": use_se}
+        if ref_id is not None:
+            entry["ref_placement"] = case["ref_placement"]
+        entry |= {
             "prompt": prompt,
             "input_ids": ids,
             "tokens": [IMAGE_TOKEN if t == IMAGE_TOKEN_INDEX else id_to_token(t) for t in ids],
@@ -343,6 +367,10 @@ def compute_reference(
             "label_mismatch": mismatch,
             "seg_positions": [i for i in range(len(ids) - 1) if ids[i + 1] == seg_id],
         }
+        if ref_id is not None:
+            ref_positions = [i for i, t in enumerate(ids) if t == ref_id]
+            assert len(ref_positions) == prompt.count(REF), case["name"]
+            entry |= {"ref_id": ref_id, "ref_positions": ref_positions}
         out.append(entry)
     return out
 
@@ -389,10 +417,26 @@ def upstream_result(cases: dict) -> dict:
         seg_id,
         tok.convert_ids_to_tokens,
     )
+    # multi-round: <ref> added in memory only (tokenizer/ stays as saved), as the project adds it
+    assert tok.add_tokens([REF], special_tokens=True) == 1
+    ref_id = tok.convert_tokens_to_ids(REF)
+    assert ref_id == special_ids["len_tokenizer"] == len(tok) - 1  # the id after [SEG]
+    assert tok(REF, add_special_tokens=False).input_ids == [ref_id]
+    multi_round_out = compute_reference(
+        cases,
+        lambda text: tok(text).input_ids,
+        tok.bos_token_id,
+        tok.pad_token_id,
+        seg_id,
+        tok.convert_ids_to_tokens,
+        key="multi_round_cases",
+        ref_id=ref_id,
+    )
     return {
         "generated_with": transformers.__version__,
         "special_ids": special_ids,
         "cases": cases_out,
+        "multi_round_cases": multi_round_out,
     }
 
 
@@ -435,17 +479,26 @@ def spm_check(cases: dict, ref: dict) -> int:
     added = json.loads((TOKENIZER_DIR / "added_tokens.json").read_text())
     special = {"<unk>": sp.unk_id(), "<s>": sp.bos_id(), "</s>": sp.eos_id()}
     s = ref["special_ids"]
-    mine = compute_reference(
-        cases,
-        lambda t: spm_encode(t, sp, added, special, sp.bos_id()),
-        sp.bos_id(),
-        s["pad"],
-        added[SEG],
-        lambda i: (
-            sp.id_to_piece(i) if i < sp.get_piece_size() else {v: k for k, v in added.items()}[i]
-        ),
-    )
-    return report_diff(ref["cases"], mine, "sentencepiece-only")
+
+    def run(added: dict[str, int], **kwargs) -> list[dict]:
+        return compute_reference(
+            cases,
+            lambda t: spm_encode(t, sp, added, special, sp.bos_id()),
+            sp.bos_id(),
+            s["pad"],
+            added[SEG],
+            lambda i: (
+                sp.id_to_piece(i)
+                if i < sp.get_piece_size()
+                else {v: k for k, v in added.items()}[i]
+            ),
+            **kwargs,
+        )
+
+    bad = report_diff(ref["cases"], run(added), "sentencepiece-only")
+    with_ref = {**added, REF: max(added.values()) + 1}  # <ref> takes the next id
+    mine = run(with_ref, key="multi_round_cases", ref_id=with_ref[REF])
+    return bad + report_diff(ref["multi_round_cases"], mine, "sentencepiece-only, multi-round")
 
 
 # --------------------------------------------------------------------------- checks
@@ -478,7 +531,17 @@ def compare_v5(cases: dict, ref: dict) -> None:
     )
     print("legacy attribute:", getattr(tok, "legacy", None), "len:", len(tok))
     id_to_token = tok.convert_ids_to_tokens
-    for case in ref["cases"]:
+    cases_v5 = list(ref["cases"])
+    if ref.get("multi_round_cases"):
+        tok.add_tokens([REF], special_tokens=True)  # in memory, as for the reference
+        print(
+            "<ref>:",
+            tok.convert_tokens_to_ids(REF),
+            "reference:",
+            ref["multi_round_cases"][0]["ref_id"],
+        )
+        cases_v5 += ref["multi_round_cases"]
+    for case in cases_v5:
         ids = image_token_ids(case["prompt"], lambda t: tok(t).input_ids, tok.bos_token_id)
         toks = [IMAGE_TOKEN if t == IMAGE_TOKEN_INDEX else id_to_token(t) for t in ids]
         if ids == case["input_ids"]:
@@ -531,6 +594,9 @@ def main() -> int:
         version = transformers.__version__
         result = upstream_result(cases)
         bad = report_diff(ref["cases"], result["cases"], f"transformers {version}")
+        bad += report_diff(
+            ref["multi_round_cases"], result["multi_round_cases"], f"transformers {version}"
+        )
         if result["special_ids"] != ref["special_ids"]:
             bad += 1
             print("special_ids differ:", result["special_ids"])
