@@ -25,7 +25,7 @@ from model.backbones.llava_checkpoint import load_llava
 from model.heads.losses import LossConfig
 from model.heads.proposal_scorer import ProposalScorer, ProposalScorerConfig
 from model.llm_seg import LLMSegModel
-from model.mask_encoder import MASK_ENCODERS, PooledMaskEncoder
+from model.mask_encoder import MASK_ENCODERS, build_mask_encoder
 from model.tiny import TinyCheckpoints
 from utils.data.images import DEFAULT_DINO_IMAGE_SIZE
 from utils.device import PRECISIONS, attention_implementation, resolve_dtype
@@ -87,8 +87,9 @@ class LLMSegConfig:
     mask_encoder: str = field(
         default="none",
         metadata={"help": "SegLLM multi-round: how an earlier round's mask is written at its "
-                  "<ref> token (pooled: CLIP patch grid pooled by the mask + box/area); none: "
-                  "single-round LLM-Seg", "choices": list(MASK_ENCODERS)},
+                  "<ref> token (pooled: CLIP patch grid pooled by the mask + box/area; crop_cls: "
+                  "SegLLM's masked crop through CLIP, its CLS + box); none: single-round "
+                  "LLM-Seg", "choices": list(MASK_ENCODERS)},
     )  # fmt: skip
     ref_dropout: float = field(
         default=0.5,
@@ -219,10 +220,6 @@ def build_multi_round_parts(config: LLMSegConfig, backbone, tokenizer):
     ``None`` for single-round LLM-Seg."""
     if not config.multi_round:
         return None, None
-    if config.mask_encoder != "pooled":
-        raise ValueError(
-            f"unknown --mask_encoder {config.mask_encoder!r}; expected {MASK_ENCODERS}"
-        )
     if not 0 <= config.ref_dropout < 1:
         raise ValueError(f"--ref_dropout must be in [0, 1), got {config.ref_dropout}")
     add_llm_seg_tokens(
@@ -231,7 +228,7 @@ def build_multi_round_parts(config: LLMSegConfig, backbone, tokenizer):
     embeddings = backbone.language_model.get_input_embeddings()
     if len(tokenizer) > embeddings.weight.shape[0]:
         backbone.language_model.resize_token_embeddings(len(tokenizer))
-    encoder = PooledMaskEncoder(backbone.projector, backbone.hidden_size)
+    encoder = build_mask_encoder(config.mask_encoder, backbone.projector, backbone.hidden_size)
     return encoder, tokenizer.convert_tokens_to_ids(REF_TOKEN)
 
 

@@ -129,7 +129,10 @@ def score_with_history(model, sample: EncodedSample, encoder, history: str, sele
     for _ in range(max(round_indices(sample)) - 1):
         results = _predicted_masks(sample, output.similarities[0], output.iop_scores[0], selection)
         predicted = torch.stack([results[row].mask for row in sample.reference_rows.tolist()])
-        inputs = encoder.encode_reference_masks(predicted.to(torch.uint8))
+        image = (
+            load_rgb_image(sample.record.image_path) if sample.reference_crops is not None else None
+        )
+        inputs = encoder.encode_reference_masks(predicted.to(torch.uint8), image)
         sample = dataclasses.replace(sample, **inputs)
         batch, _ = collate([sample], pad_token_id)
         output = model.score(batch.to(device, dtype))

@@ -47,7 +47,7 @@ from model.backbones.llava_checkpoint import load_clip_vision_tower, read_llava_
 from model.builder import LLMSegConfig, build_llm_seg, merge_lora_weights, setup_trainable
 from model.heads.proposal_scorer import ProposalScorer
 from model.llm_seg import LLMSegModel
-from model.mask_encoder import PooledMaskEncoder
+from model.mask_encoder import build_mask_encoder
 from utils.checkpoint import (
     CheckpointError,
     load_state_dict,
@@ -400,7 +400,7 @@ def _build_merged(folder: Path, manifest: ExportManifest, device, dtype, quantiz
     scorer = ProposalScorer(config.scorer_config(dino.feature_dim))
     mask_encoder = ref_token_id = None
     if config.multi_round:  # SegLLM's parts; their weights are in HEAD_FILE
-        mask_encoder = PooledMaskEncoder(projector, arch.hidden_size)
+        mask_encoder = build_mask_encoder(config.mask_encoder, projector, arch.hidden_size)
         ref_token_id = tokenizer.convert_tokens_to_ids(REF_TOKEN)
     model = LLMSegModel(
         backbone, dino, scorer, arch.seg_token_id, config.loss_config(), mask_encoder,

@@ -311,7 +311,7 @@ class LLMSegModel(nn.Module):
         """``(embeddings (N', hidden), positions (B, L) bool)`` written over the ``<ref>``
         tokens; in training each is dropped (the token's own embedding kept) with
         ``ref_dropout``."""
-        embeddings = self.mask_encoder(vision_features, batch.references)
+        embeddings = self.mask_encoder(vision_features, batch.references, self.backbone)
         positions = (batch.input_ids == self.ref_token_id) & batch.attention_mask.bool()
         if self.training and self.ref_dropout > 0:
             keep = torch.rand(embeddings.shape[0], device=embeddings.device) >= self.ref_dropout

@@ -28,7 +28,7 @@ from torch import nn
 
 from utils.batch import ReferenceInputs
 
-MASK_ENCODERS = ("none", "pooled")
+MASK_ENCODERS = ("none", "pooled", "crop_cls")
 GEOMETRY_FEATURES = 5  # x0, y0, x1, y1, area
 
 
@@ -55,13 +55,16 @@ class PooledMaskEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.geometry.weight.dtype
 
-    def forward(self, vision_features: torch.Tensor, references: ReferenceInputs) -> torch.Tensor:
+    def forward(
+        self, vision_features: torch.Tensor, references: ReferenceInputs, backbone=None
+    ) -> torch.Tensor:
         """Encode ``N`` reference masks.
 
         Args:
             vision_features: ``(I, g * g, C)`` pre-projector CLIP patch features of the batch's
                 images (:meth:`~model.backbones.llava.LlavaBackbone.vision_features`).
             references: ``clip_maps (N, g, g)``, ``geometry (N, 5)``, ``image_index (N,)``.
+            backbone: unused (the ``crop_cls`` encoder runs its vision tower).
         Returns:
             ``(N, hidden)`` embeddings, in this module's dtype.
         """
@@ -78,3 +81,50 @@ class PooledMaskEncoder(nn.Module):
         embeddings = embeddings + self.geometry(references.geometry.to(self.dtype))
         empty = (mass.squeeze(1) <= self.pool_eps).unsqueeze(1)
         return torch.where(empty, self.null_embedding.unsqueeze(0), embeddings)
+
+
+class CropClsMaskEncoder(PooledMaskEncoder):
+    """SegLLM's own mask encoding (``--mask_encoder crop_cls``): the referenced object cropped
+    out (background zeroed, cropped to its box, padded square at the top left), through the
+    frozen CLIP tower once more, its CLS token at LLaVA's select layer through a trainable copy
+    of the projector, plus the box through a linear layer (SegLLM: ``Linear(4, d)`` on the box in
+    its 1024 frame; here normalised to the image). It costs one CLIP pass per reference."""
+
+    def __init__(self, projector: nn.Module, hidden_size: int) -> None:
+        super().__init__(projector, hidden_size)
+        self.box = nn.Linear(4, hidden_size)
+        nn.init.zeros_(self.box.weight)
+        nn.init.zeros_(self.box.bias)
+        del self.geometry  # the box token replaces the box/area geometry token
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.box.weight.dtype
+
+    def forward(
+        self, vision_features: torch.Tensor, references: ReferenceInputs, backbone=None
+    ) -> torch.Tensor:
+        """Encode ``N`` reference masks from ``references.crop_pixels (N, 3, S, S)`` with
+        ``backbone``'s vision tower; an empty mask gets the null embedding."""
+        if references.crop_pixels is None or backbone is None:
+            raise ValueError("the crop_cls mask encoder needs reference crops and the backbone")
+        tower = backbone.vision_tower
+        with torch.no_grad():
+            outputs = tower(
+                references.crop_pixels.to(next(tower.parameters()).dtype), output_hidden_states=True
+            )
+            cls = outputs.hidden_states[backbone.vision_select_layer][:, 0]
+        embeddings = self.projector(cls.to(self.dtype)) + self.box(
+            references.geometry[:, :4].to(self.dtype)
+        )
+        empty = (references.clip_maps.flatten(1).sum(1) <= self.pool_eps).unsqueeze(1)
+        return torch.where(empty, self.null_embedding.unsqueeze(0), embeddings)
+
+
+def build_mask_encoder(kind: str, projector: nn.Module, hidden_size: int) -> PooledMaskEncoder:
+    """The mask encoder ``--mask_encoder`` names (``pooled`` or ``crop_cls``)."""
+    if kind == "pooled":
+        return PooledMaskEncoder(projector, hidden_size)
+    if kind == "crop_cls":
+        return CropClsMaskEncoder(projector, hidden_size)
+    raise ValueError(f"unknown --mask_encoder {kind!r}; expected one of {MASK_ENCODERS}")

@@ -152,9 +152,11 @@ class MultiRoundSession:
             return None
         masks = torch.from_numpy(np.stack([self.rounds[k - 1].mask for k in rounds]))
         settings = self.segmenter
+        crops = settings.manifest.model.mask_encoder == "crop_cls"
         inputs = encode_reference_masks(
             masks.to(torch.uint8), settings.clip_processor, self.model.num_image_tokens,
             settings.manifest.model.proposal_map_size, settings.manifest.preprocessing.antialias,
+            self.image if crops else None,
         )  # fmt: skip
         device, dtype = settings.device, settings.dtype
         return ReferenceInputs(
@@ -162,6 +164,7 @@ class MultiRoundSession:
             geometry=inputs["reference_geometry"].to(device, dtype),
             proposal_maps=inputs["reference_maps"].to(device, dtype),
             image_index=torch.zeros(len(rounds), dtype=torch.long, device=device),
+            crop_pixels=inputs["reference_crops"].to(device, dtype) if crops else None,
         )
 
     def _all_references(self, turns) -> tuple[list[int], ReferenceInputs | None]:
@@ -229,7 +232,7 @@ class MultiRoundSession:
         extra = positions = None
         ref_mask = input_ids == model.ref_token_id if model.ref_token_id is not None else None
         if references is not None:
-            extra = model.mask_encoder(state.vision_features, references)
+            extra = model.mask_encoder(state.vision_features, references, model.backbone)
             positions = ref_mask
         embeds = model.backbone.embed_inputs(
             input_ids, state.clip_pixels, torch.zeros(1, dtype=torch.long, device=device),

@@ -29,6 +29,8 @@ class ReferenceInputs:
         image_index: ``(N,)`` long: the image (batch index) each reference belongs to.
         ious: per image ``(N_i, K_i)`` IoU of each of its references with its proposals, the
             target of the reference-selection loss; ``None`` without targets.
+        crop_pixels: ``(N, 3, S, S)`` CLIP inputs of each masked crop (the ``crop_cls`` mask
+            encoder's view); ``None`` for the ``pooled`` encoder.
     """
 
     clip_maps: torch.Tensor
@@ -36,6 +38,7 @@ class ReferenceInputs:
     proposal_maps: torch.Tensor
     image_index: torch.Tensor
     ious: list[torch.Tensor] | None = None
+    crop_pixels: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -43,7 +46,7 @@ class ReferenceInputs:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None):
         """Moved to ``device``; the maps and geometry cast to ``dtype`` (IoU targets stay fp32)."""
-        cast = {"clip_maps", "geometry", "proposal_maps"}
+        cast = {"clip_maps", "geometry", "proposal_maps", "crop_pixels"}
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)

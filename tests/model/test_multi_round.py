@@ -21,6 +21,7 @@ from model.evaluation import SelectionSettings, evaluate
 from model.export import ExportManifest, describe_model, load_exported, save_export
 from tests.utils.data.loader_fixtures import write_store
 from utils.data.builders import build_encoder
+from utils.data.images import masked_crop
 from utils.data.mixing import EvaluationDataset
 from utils.data.references import parse_references, strip_references
 from utils.data.samples import SegmentationRecord, collate
@@ -349,3 +350,51 @@ def test_exports_carry_the_multi_round_parts(scene, tiny_checkpoints, tmp_path, 
         expected.similarities + expected.ref_similarities, got.similarities + got.ref_similarities
     ):
         torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-4)
+
+
+def test_masked_crop_by_hand():
+    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    mask = np.zeros((4, 6), bool)
+    mask[1:3, 2:5] = True
+    mask[1, 2] = False
+    crop = masked_crop(image, mask)
+    assert crop.shape == (3, 3, 3)  # the 2 x 3 box padded to a square, content top left
+    np.testing.assert_array_equal(crop[:2, :3][mask[1:3, 2:5]], image[1:3, 2:5][mask[1:3, 2:5]])
+    assert not crop[0, 0].any()  # the background inside the box is zeroed
+    assert not crop[2].any()  # the padding
+    assert masked_crop(image, np.zeros((4, 6), bool)).shape == (1, 1, 3)
+
+
+def test_crop_cls_encoder_trains_and_exports(scene, tiny_checkpoints, tmp_path):
+    torch.manual_seed(4)
+    config = tiny_llm_seg_config(tiny_checkpoints, mask_encoder="crop_cls", ref_dropout=0.0)
+    model, tokenizer = build_llm_seg(config)
+    setup_trainable(model, config)
+    encoder = build_encoder(
+        SimpleNamespace(**vars(_settings(config)), mask_encoder="crop_cls"), tokenizer, 16
+    )
+    sample = encoder(record(scene, THREE_ROUNDS, ["red", "left", "below"]))
+    assert sample.reference_crops.shape == (3, 3, 32, 32)  # CLIP inputs of the three crops
+    batch = collate([sample], 0)[0]
+    model.train()
+    output = model(batch)
+    output.loss.backward()
+    for name in ("mask_encoder.projector.weight", "mask_encoder.box.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    assert not any(p.grad is not None for p in model.backbone.vision_tower.parameters())
+    model.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith("mask_encoder.box"):
+                parameter.normal_(0, 0.1)
+    expected = model.score(batch)
+    save_export(
+        model,
+        tokenizer,
+        ExportManifest("merged", config, describe_model(model, tokenizer)),
+        tmp_path / "e",
+    )
+    loaded = load_exported(tmp_path / "e")
+    got = loaded.model.score(batch)
+    torch.testing.assert_close(got.similarities[0], expected.similarities[0], atol=1e-5, rtol=1e-4)

@@ -114,6 +114,7 @@ def build_encoder(config, tokenizer, num_image_tokens: int) -> SampleEncoder:
         tokenization=resolve_tokenization(getattr(config, "tokenization", "auto"), tokenizer),
         references="strip" if getattr(config, "history", "gt") == "none" else "auto",
         ref_placement=getattr(config, "ref_placement", "inline"),
+        reference_crops=getattr(config, "mask_encoder", "none") == "crop_cls",
     )
     return SampleEncoder(tokenizer, conversation_format(config.conv_type), settings)
 

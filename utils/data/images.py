@@ -156,3 +156,25 @@ def mask_geometry(mask: np.ndarray) -> torch.Tensor:
         return torch.zeros(5)
     box = [xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height]
     return torch.tensor([*box, mask.sum() / mask.size], dtype=torch.float32)
+
+
+def masked_crop(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """SegLLM's view of a referenced object: the background zeroed, cropped to the mask's box,
+    zero-padded to a square with the content at the top left.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        mask: ``(H, W)`` bool; an empty mask gives one black pixel.
+    Returns:
+        ``(S, S, 3)`` uint8.
+    """
+    mask = np.asarray(mask).astype(bool)
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return np.zeros((1, 1, 3), np.uint8)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = np.where(mask[y0:y1, x0:x1, None], image[y0:y1, x0:x1], 0).astype(np.uint8)
+    side = max(crop.shape[:2])
+    square = np.zeros((side, side, 3), np.uint8)
+    square[: crop.shape[0], : crop.shape[1]] = crop
+    return square

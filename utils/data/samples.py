@@ -29,6 +29,7 @@ from utils.data.images import (
     load_rgb_image,
     mask_geometry,
     mask_to_clip_grid,
+    masked_crop,
     preprocess_for_clip,
     preprocess_for_dinov2,
 )
@@ -98,6 +99,7 @@ class EncodedSample:
     reference_clip_maps: torch.Tensor | None = None  # (N, g, g)
     reference_geometry: torch.Tensor | None = None  # (N, 5)
     reference_maps: torch.Tensor | None = None  # (N, M, M)
+    reference_crops: torch.Tensor | None = None  # (N, 3, S, S) for the crop_cls mask encoder
 
 
 @dataclass
@@ -118,6 +120,7 @@ class EncoderSettings:
     # (tokens when the tokenizer holds <ref>)
     references: str = "auto"
     ref_placement: str = "inline"  # or "turn_start" (SegLLM's)
+    reference_crops: bool = False  # CLIP inputs of the masked crops (the crop_cls encoder)
 
 
 class SampleEncoder:
@@ -250,21 +253,24 @@ class SampleEncoder:
             proposal_iops=iops,
             proposal_binary=binary,
             masks=masks,
-            **self._reference_inputs(masks, reference_rows),
+            **self._reference_inputs(masks, reference_rows, image),
         )
 
-    def encode_reference_masks(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """:func:`encode_reference_masks` with this encoder's settings."""
+    def encode_reference_masks(
+        self, masks: torch.Tensor, image: np.ndarray | None = None
+    ) -> dict[str, torch.Tensor]:
+        """:func:`encode_reference_masks` with this encoder's settings (``image`` is needed for
+        the crops of the ``crop_cls`` encoder)."""
         settings = self.settings
         return encode_reference_masks(
             masks, settings.clip_processor, settings.num_image_tokens, settings.map_size,
-            settings.antialias,
+            settings.antialias, image if settings.reference_crops else None,
         )  # fmt: skip
 
-    def _reference_inputs(self, masks: torch.Tensor, rows: list[int]) -> dict:
+    def _reference_inputs(self, masks: torch.Tensor, rows: list[int], image) -> dict:
         if not rows:
             return {}
-        inputs = self.encode_reference_masks(masks[rows])
+        inputs = self.encode_reference_masks(masks[rows], image)
         return {"reference_rows": torch.tensor(rows, dtype=torch.long), **inputs}
 
 
@@ -274,6 +280,7 @@ def encode_reference_masks(
     num_image_tokens: int,
     map_size: int,
     antialias: bool = True,
+    image: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
     """What the model reads of each mask a ``<ref>`` stands for (ground truth in training, the
     model's own earlier predictions in autoregressive evaluation and in a chat session).
@@ -283,9 +290,11 @@ def encode_reference_masks(
         clip_processor: the vision tower's image processor (its resize/crop frame).
         num_image_tokens: CLIP patches per image (a square grid).
         map_size: side of the proposal weight maps.
+        image: ``(H, W, 3)`` uint8 RGB: also make ``reference_crops`` (the ``crop_cls``
+            encoder's CLIP inputs, :func:`~utils.data.images.masked_crop`).
     Returns:
         ``reference_clip_maps (N, g, g)``, ``reference_geometry (N, 5)``,
-        ``reference_maps (N, M, M)``.
+        ``reference_maps (N, M, M)`` (and ``reference_crops (N, 3, S, S)`` with ``image``).
     """
     grid = math.isqrt(num_image_tokens)
     if grid * grid != num_image_tokens:
@@ -300,13 +309,18 @@ def encode_reference_masks(
             "reference_maps": torch.zeros((0, map_size, map_size)),
         }
     binary = ((masks > 0) & (masks != 255)).numpy()
-    return {
+    inputs = {
         "reference_clip_maps": torch.stack(
             [mask_to_clip_grid(m, clip_processor, grid) for m in binary]
         ),
         "reference_geometry": torch.stack([mask_geometry(m) for m in binary]),
         "reference_maps": proposal_weight_maps(torch.from_numpy(binary), map_size, antialias),
     }
+    if image is not None:
+        inputs["reference_crops"] = torch.stack(
+            [preprocess_for_clip(clip_processor, masked_crop(image, m)) for m in binary]
+        )
+    return inputs
 
 
 def _reference_rows(conversations: list[EncodedConversation], record) -> list[int]:
@@ -383,6 +397,11 @@ def collate_references(samples: list[EncodedSample]) -> ReferenceInputs | None:
         clip_maps=torch.cat([s.reference_clip_maps for s in present]),
         geometry=torch.cat([s.reference_geometry for s in present]),
         proposal_maps=torch.cat([s.reference_maps for s in present]),
+        crop_pixels=(
+            torch.cat([s.reference_crops for s in present])
+            if all(s.reference_crops is not None for s in present)
+            else None
+        ),
         image_index=torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts)),
         ious=ious,
     )
