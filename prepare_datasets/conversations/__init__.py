@@ -1,0 +1,1 @@
+"""Building SegLLM-style multi-round conversations from annotated images."""
