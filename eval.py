@@ -101,7 +101,9 @@ def main(config: EvalConfig) -> dict:
     if is_main_process():
         save_config(config, Path(config.out_dir) / "eval_config.json")
     dataset = build_eval_dataset(
-        config, build_encoder(config, tokenizer, model.num_image_tokens), config.val_dataset
+        config,
+        build_encoder(config, tokenizer, model.num_image_tokens, model.sam_image_size),
+        config.val_dataset,
     )
     metrics = evaluate(
         model,

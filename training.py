@@ -176,7 +176,7 @@ def main(config: TrainConfig) -> dict:
 
     model, tokenizer = build_llm_seg(config.model_config(), device, dtype)
     setup_trainable(model, config.model_config())
-    encoder = build_encoder(config, tokenizer, model.num_image_tokens)
+    encoder = build_encoder(config, tokenizer, model.num_image_tokens, model.sam_image_size)
     val_dataset = (
         None
         if config.no_eval and not config.eval_only

@@ -22,9 +22,11 @@ from peft.tuners.lora import LoraLayer
 from model.backbones.dinov2 import DINOV2_ARCHS, load_dinov2
 from model.backbones.features import DinoFeatureExtractor
 from model.backbones.llava_checkpoint import load_llava
+from model.backbones.sam import load_sam
 from model.heads.losses import LossConfig
 from model.heads.proposal_scorer import ProposalScorer, ProposalScorerConfig
-from model.llm_seg import LLMSegModel
+from model.heads.sam_decoder import SamMaskHead
+from model.llm_seg import MASK_HEADS, LLMSegModel
 from model.mask_encoder import MASK_ENCODERS, build_mask_encoder
 from model.tiny import TinyCheckpoints
 from utils.data.images import DEFAULT_DINO_IMAGE_SIZE
@@ -84,6 +86,22 @@ class LLMSegConfig:
                   "folder has a sentencepiece tokenizer.model)",
                   "choices": ["auto", *TOKENIZATIONS]},
     )  # fmt: skip
+    mask_head: str = field(
+        default="proposals",
+        metadata={"help": "which mask head(s) the [SEG] embedding drives: proposals (LLM-Seg's "
+                  "scorer), sam (LISA's SAM mask decoder) or both (trained jointly, each "
+                  "evaluated)", "choices": list(MASK_HEADS)},
+    )  # fmt: skip
+    sam_checkpoint: str = field(
+        default="",
+        metadata={"help": "SAM weights for the SAM head (sam_vit_h_4b8939.pth, or a custom size "
+                  "with its architecture JSON beside it)"},
+    )  # fmt: skip
+    sam_model_type: str = field(
+        default="vit_h", metadata={"help": "SAM size of an official checkpoint (vit_h/l/b)"}
+    )
+    bce_loss_weight: float = field(default=2.0, metadata={"help": "SAM head: mask BCE weight"})
+    dice_loss_weight: float = field(default=0.5, metadata={"help": "SAM head: mask Dice weight"})
     mask_encoder: str = field(
         default="none",
         metadata={"help": "SegLLM multi-round: how an earlier round's mask is written at its "
@@ -136,6 +154,8 @@ class LLMSegConfig:
             temperature=self.align_temperature,
             iop_scale=self.iop_loss_scale,
             ref_weight=self.ref_loss_weight,
+            bce_weight=self.bce_loss_weight,
+            dice_weight=self.dice_loss_weight,
         )
 
     def scorer_config(self, feature_dim: int) -> ProposalScorerConfig:
@@ -188,6 +208,11 @@ def build_llm_seg(
     grid = dino.grid_size(config.dino_image_size)
     scorer = ProposalScorer(config.scorer_config(dino.feature_dim))
     mask_encoder, ref_token_id = build_multi_round_parts(config, backbone, tokenizer)
+    sam_head = None
+    if config.mask_head != "proposals":
+        if not config.sam_checkpoint:
+            raise ValueError(f"--mask_head {config.mask_head} needs --sam_checkpoint")
+        sam_head = SamMaskHead(load_sam(config.sam_checkpoint, config.sam_model_type)).to(dtype)
     model = LLMSegModel(
         backbone,
         dino,
@@ -197,6 +222,8 @@ def build_llm_seg(
         mask_encoder=mask_encoder,
         ref_token_id=ref_token_id,
         ref_dropout=config.ref_dropout,
+        sam_head=sam_head,
+        mask_head=config.mask_head,
     )
     model.text_projection.to(dtype)
     model.proposal_scorer.to(dtype)
@@ -237,7 +264,7 @@ def setup_trainable(model: LLMSegModel, config: LLMSegConfig) -> LLMSegModel:
 
     * LoRA (``config.lora_*``) on the language model's ``q_proj``/``v_proj`` only.
     * Fully trainable: ``embed_tokens``, ``lm_head``, ``text_projection``, ``proposal_scorer``
-      (and SegLLM's ``mask_encoder`` when built).
+      (and SegLLM's ``mask_encoder``, the SAM head's ``mask_decoder`` when built).
     * Frozen: everything else (LLM base weights, CLIP, projector, DINOv2).
     * Gradient checkpointing as ``config.gradient_checkpointing``.
 
@@ -272,9 +299,11 @@ def setup_trainable(model: LLMSegModel, config: LLMSegConfig) -> LLMSegModel:
     language_model.get_input_embeddings().requires_grad_(True)
     language_model.get_output_embeddings().requires_grad_(True)
     model.text_projection.requires_grad_(True)
-    model.proposal_scorer.requires_grad_(True)
+    model.proposal_scorer.requires_grad_(model.mask_head != "sam")  # LISA alone: not used
     if model.mask_encoder is not None:
         model.mask_encoder.requires_grad_(True)
+    if model.sam_head is not None:  # LISA: SAM's encoders stay frozen, its decoder trains
+        model.sam_head.mask_decoder.requires_grad_(True)
     model.set_gradient_checkpointing(config.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

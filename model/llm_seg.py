@@ -33,12 +33,22 @@ from torch import nn
 
 from model.backbones.features import DinoFeatureExtractor
 from model.backbones.llava import LlavaBackbone
-from model.heads.losses import LossConfig, alignment_loss, iop_regression_loss, language_model_loss
+from model.heads.losses import (
+    LossConfig,
+    alignment_loss,
+    dice_loss,
+    iop_regression_loss,
+    language_model_loss,
+    sigmoid_bce_loss,
+)
 from model.heads.proposal_scorer import ProposalScorer, ProposalScores
 from model.heads.reference_relations import reference_relations, round_relations
+from model.heads.sam_decoder import SamMaskHead
 from model.heads.selection import SelectionResult, select_mask
 from model.mask_encoder import PooledMaskEncoder
 from utils.batch import LLMSegBatch
+
+MASK_HEADS = ("proposals", "sam", "both")
 
 
 @dataclass
@@ -59,6 +69,8 @@ class LLMSegOutput:
         seg_embeddings: per image ``(R_i, E)`` projected ``[SEG]`` hidden states.
         logits: ``(B, L, vocab)``.
         ref_similarities: per image ``(N_i, K_i)`` cosines of its ``<ref>`` states (SegLLM).
+        sam_logits: per image ``(R_i, H_i, W_i)`` SAM-head mask logits at the original size.
+        bce_loss, dice_loss: LISA's mask losses of the SAM head (``None`` without it/targets).
     """
 
     loss: torch.Tensor | None
@@ -71,6 +83,9 @@ class LLMSegOutput:
     logits: torch.Tensor | None = None
     ref_loss: torch.Tensor | None = None
     ref_similarities: list[torch.Tensor] = field(default_factory=list)
+    sam_logits: list[torch.Tensor] = field(default_factory=list)
+    bce_loss: torch.Tensor | None = None
+    dice_loss: torch.Tensor | None = None
 
 
 def build_text_projection(hidden_size: int, out_dim: int) -> nn.Sequential:
@@ -95,6 +110,9 @@ class LLMSegModel(nn.Module):
         mask_encoder: SegLLM's encoder of earlier masks (``None``: single-round LLM-Seg).
         ref_token_id: id of ``<ref>`` (with ``mask_encoder``).
         ref_dropout: training probability of keeping the plain ``<ref>`` embedding instead.
+        sam_head: LISA's SAM mask decoder head (:class:`~model.heads.sam_decoder.SamMaskHead`).
+        mask_head: which heads run and train: ``proposals`` (LLM-Seg), ``sam`` (LISA) or
+            ``both`` (trained jointly, each evaluated).
     """
 
     def __init__(
@@ -107,8 +125,19 @@ class LLMSegModel(nn.Module):
         mask_encoder: PooledMaskEncoder | None = None,
         ref_token_id: int | None = None,
         ref_dropout: float = 0.5,
+        sam_head: SamMaskHead | None = None,
+        mask_head: str = "proposals",
     ) -> None:
         super().__init__()
+        if mask_head not in MASK_HEADS:
+            raise ValueError(f"unknown mask head {mask_head!r}; expected one of {MASK_HEADS}")
+        if (mask_head != "proposals") != (sam_head is not None):
+            raise ValueError(f"--mask_head {mask_head} and the SAM head go together")
+        if sam_head is not None and sam_head.prompt_dim != proposal_scorer.config.embed_dim:
+            raise ValueError(
+                f"SAM's prompts are {sam_head.prompt_dim}-d but the [SEG] projection gives "
+                f"{proposal_scorer.config.embed_dim} (set --out_dim to SAM's prompt width)"
+            )
         if (mask_encoder is None) != (ref_token_id is None):
             raise ValueError("a mask encoder and the <ref> token id go together")
         if mask_encoder is not None and not proposal_scorer.config.relation_features:
@@ -129,6 +158,13 @@ class LLMSegModel(nn.Module):
         self.mask_encoder = mask_encoder
         self.ref_token_id = ref_token_id
         self.ref_dropout = ref_dropout
+        self.sam_head = sam_head
+        self.mask_head = mask_head
+
+    @property
+    def sam_image_size(self) -> int:
+        """SAM's input side when the SAM head is built, else 0 (what the encoder needs)."""
+        return self.sam_head.image_size if self.sam_head is not None else 0
 
     @property
     def num_image_tokens(self) -> int:
@@ -344,17 +380,28 @@ class LLMSegModel(nn.Module):
         if batch.references is not None:
             ref_embeddings = self.reference_embeddings(batch, llava.hidden_states)
             assignments = self.round_references(batch)
-        scores, ref_scores = self.score_proposals(
-            batch, seg_embeddings, ref_embeddings, assignments
-        )
+        scores = ref_scores = None
+        if self.mask_head != "sam":
+            scores, ref_scores = self.score_proposals(
+                batch, seg_embeddings, ref_embeddings, assignments
+            )
+        sam_logits = None
+        if self.sam_head is not None:
+            if batch.sam_pixels is None:
+                raise ValueError("the SAM head needs batch.sam_pixels (build the encoder for it)")
+            sam_logits = self.sam_head(
+                batch.sam_pixels, seg_embeddings, batch.sam_resized_hw, batch.image_sizes
+            )
 
         config = self.loss_config
         ce = None if batch.labels is None else language_model_loss(llava.logits, batch.labels)
-        align = iop = ref = None
-        if batch.has_targets:
+        align = iop = ref = bce = dice = None
+        if batch.has_targets and scores is not None:
             align, iop = self.proposal_losses(batch, scores)
             if ref_scores is not None and batch.references.ious is not None:
                 ref = self.reference_loss(batch, ref_scores)
+        if sam_logits is not None and batch.target_masks is not None:
+            bce, dice = self.mask_losses(sam_logits, batch.target_masks)
         terms = [
             (weight, value)
             for weight, value in (
@@ -362,6 +409,8 @@ class LLMSegModel(nn.Module):
                 (config.align_weight, align),
                 (config.iop_weight, iop),
                 (config.ref_weight, ref),
+                (config.bce_weight, bce),
+                (config.dice_weight, dice),
             )
             if value is not None
         ]
@@ -371,13 +420,31 @@ class LLMSegModel(nn.Module):
             ce_loss=ce,
             align_loss=align,
             iop_loss=iop,
-            similarities=[s.similarity for s in scores],
-            iop_scores=[s.iop for s in scores],
+            similarities=[s.similarity for s in scores] if scores is not None else [],
+            iop_scores=[s.iop for s in scores] if scores is not None else [],
             seg_embeddings=seg_embeddings,
             logits=llava.logits,
             ref_loss=ref,
             ref_similarities=[s.similarity for s in ref_scores] if ref_scores else [],
+            sam_logits=sam_logits or [],
+            bce_loss=bce,
+            dice_loss=dice,
         )
+
+    @staticmethod
+    def mask_losses(
+        logits: list[torch.Tensor], targets: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LISA's mask losses: BCE and Dice summed over every mask of the batch, divided by the
+        number of masks (a graph-connected 0 without any)."""
+        pairs = [(logit, target) for logit, target in zip(logits, targets) if len(target)]
+        if not pairs:
+            zero = sum(logit.sum() * 0 for logit in logits)
+            return zero, zero
+        count = sum(len(target) for _, target in pairs)
+        bce = sum(sigmoid_bce_loss(logit, target) for logit, target in pairs)
+        dice = sum(dice_loss(logit, target) for logit, target in pairs)
+        return bce / count, dice / count
 
     @torch.no_grad()
     def score(self, batch: LLMSegBatch) -> LLMSegOutput:

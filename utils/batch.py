@@ -79,6 +79,12 @@ class LLMSegBatch:
             row then position. ``None`` when scoring without targets.
         proposal_iops: ``I`` tensors ``(R_i, K_i)``: ``|P ∩ G| / |P|``; ``None`` likewise.
         references: the masks behind the ``<ref>`` tokens (SegLLM), ``None`` without any.
+        sam_pixels: ``(I, 3, S, S)`` SAM inputs (ResizeLongestSide(S), normalised, padded), for
+            the SAM mask-decoder head; ``None`` without it.
+        sam_resized_hw: per image, its size inside the SAM input.
+        image_sizes: per image, its original ``(H, W)`` (where SAM's masks are compared).
+        target_masks: per image ``(R_i, H_i, W_i)`` uint8 {0, 1} ground truth of its ``[SEG]``
+            rows (ignore pixels count as background, as in LISA); ``None`` without targets.
     """
 
     input_ids: torch.Tensor
@@ -91,6 +97,10 @@ class LLMSegBatch:
     proposal_ious: list[torch.Tensor] | None = None
     proposal_iops: list[torch.Tensor] | None = None
     references: ReferenceInputs | None = None
+    sam_pixels: torch.Tensor | None = None
+    sam_resized_hw: list[tuple[int, int]] | None = None
+    image_sizes: list[tuple[int, int]] | None = None
+    target_masks: list[torch.Tensor] | None = None
 
     @property
     def num_images(self) -> int:

@@ -32,6 +32,8 @@ class LossConfig:
     temperature: float = 0.05
     iop_scale: float = 50.0
     ref_weight: float = 0.5  # SegLLM: each <ref> state selects its referenced mask (auxiliary)
+    bce_weight: float = 2.0  # LISA's SAM-head mask losses
+    dice_weight: float = 0.5
 
 
 def language_model_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -95,3 +97,32 @@ def iop_regression_loss(
     target = target_iop.float()
     weights = torch.exp(target - 1)
     return ((predicted_iop.float() - target) ** 2 * weights).mean() * scale
+
+
+def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """LISA's mask BCE: per-mask mean binary cross-entropy of the logits, summed over masks.
+
+    Args:
+        logits: ``(R, H, W)`` mask logits.
+        targets: ``(R, H, W)`` in {0, 1}.
+    Returns:
+        The *sum* over the ``R`` masks (fp32); the caller divides by the number of masks of the
+        batch, as LISA does.
+    """
+    per_pixel = F.binary_cross_entropy_with_logits(
+        logits.float(), targets.float(), reduction="none"
+    )
+    return per_pixel.flatten(1).mean(dim=1).sum()
+
+
+def dice_loss(
+    logits: torch.Tensor, targets: torch.Tensor, scale: float = 1000.0, eps: float = 1e-6
+) -> torch.Tensor:
+    """LISA's mask Dice loss: ``1 - (2 Σ p t / s + eps) / (Σ p / s + Σ t / s + eps)`` per mask,
+    ``p = sigmoid(logits)``, ``s`` the scale (1000), summed over masks (see
+    :func:`sigmoid_bce_loss`)."""
+    probabilities = logits.float().sigmoid().flatten(1) / scale
+    targets = targets.float().flatten(1) / scale
+    numerator = 2 * (probabilities * targets * scale).sum(dim=1)
+    denominator = probabilities.sum(dim=1) + targets.sum(dim=1)
+    return (1 - (numerator + eps) / (denominator + eps)).sum()

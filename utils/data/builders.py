@@ -94,12 +94,15 @@ class DataConfig:
     antialias: bool = field(default=True, metadata={"help": "antialias proposal weight maps"})
 
 
-def build_encoder(config, tokenizer, num_image_tokens: int) -> SampleEncoder:
+def build_encoder(
+    config, tokenizer, num_image_tokens: int, sam_image_size: int = 0
+) -> SampleEncoder:
     """The sample encoder for a model with ``num_image_tokens`` and a tokenizer.
 
     ``config`` carries the :class:`DataConfig` fields plus the model's ``vision_tower``,
     ``dino_image_size``, ``proposal_map_size``, ``model_max_length`` and ``tokenization``
     (``auto`` when absent: see :func:`~utils.legacy_tokenizer.resolve_tokenization`).
+    ``sam_image_size``: SAM's input side for a model with the SAM head (``model.sam_image_size``).
     """
     settings = EncoderSettings(
         num_image_tokens=num_image_tokens,
@@ -115,6 +118,7 @@ def build_encoder(config, tokenizer, num_image_tokens: int) -> SampleEncoder:
         references="strip" if getattr(config, "history", "gt") == "none" else "auto",
         ref_placement=getattr(config, "ref_placement", "inline"),
         reference_crops=getattr(config, "mask_encoder", "none") == "crop_cls",
+        sam_image_size=sam_image_size,
     )
     return SampleEncoder(tokenizer, conversation_format(config.conv_type), settings)
 

@@ -100,6 +100,8 @@ class EncodedSample:
     reference_geometry: torch.Tensor | None = None  # (N, 5)
     reference_maps: torch.Tensor | None = None  # (N, M, M)
     reference_crops: torch.Tensor | None = None  # (N, 3, S, S) for the crop_cls mask encoder
+    sam_pixels: torch.Tensor | None = None  # (3, S, S) for the SAM mask-decoder head
+    sam_resized_hw: tuple[int, int] | None = None  # the image's size inside sam_pixels
 
 
 @dataclass
@@ -121,6 +123,7 @@ class EncoderSettings:
     references: str = "auto"
     ref_placement: str = "inline"  # or "turn_start" (SegLLM's)
     reference_crops: bool = False  # CLIP inputs of the masked crops (the crop_cls encoder)
+    sam_image_size: int = 0  # SAM's input side when the model has a SAM head (0: none)
 
 
 class SampleEncoder:
@@ -218,6 +221,10 @@ class SampleEncoder:
         masks = torch.from_numpy(np.ascontiguousarray(masks[rows]))
         reference_rows = _reference_rows(conversations, record)
         dino_pixels, resized_hw = preprocess_for_dinov2(image, self.settings.dino_image_size)
+        sam_inputs = {}
+        if self.settings.sam_image_size:  # the same preprocessing at SAM's size, as LISA's
+            sam_pixels, sam_resized = preprocess_for_dinov2(image, self.settings.sam_image_size)
+            sam_inputs = {"sam_pixels": sam_pixels, "sam_resized_hw": sam_resized}
         if record.proposals is not None:
             try:
                 stored = record.proposals.get(record.proposal_key)
@@ -254,6 +261,7 @@ class SampleEncoder:
             proposal_binary=binary,
             masks=masks,
             **self._reference_inputs(masks, reference_rows, image),
+            **sam_inputs,
         )
 
     def encode_reference_masks(
@@ -376,8 +384,21 @@ def collate(samples: list[EncodedSample], pad_token_id: int) -> tuple[LLMSegBatc
         proposal_ious=[s.proposal_ious for s in samples],
         proposal_iops=[s.proposal_iops for s in samples],
         references=collate_references(samples),
+        **collate_sam_inputs(samples),
     )
     return batch, samples
+
+
+def collate_sam_inputs(samples: list[EncodedSample]) -> dict:
+    """The SAM head's inputs and targets (nothing when the samples have no SAM pixels)."""
+    if any(s.sam_pixels is None for s in samples):
+        return {}
+    return {
+        "sam_pixels": torch.stack([s.sam_pixels for s in samples]),
+        "sam_resized_hw": [tuple(s.sam_resized_hw) for s in samples],
+        "image_sizes": [tuple(s.masks.shape[1:]) for s in samples],
+        "target_masks": [(s.masks == 1).to(torch.uint8) for s in samples],
+    }
 
 
 def collate_references(samples: list[EncodedSample]) -> ReferenceInputs | None:
