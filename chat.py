@@ -119,6 +119,11 @@ class ChatConfig:
                   "[REF:k] in a query names round k's mask; interactive, or --input a jsonl "
                   "of {\"image\", \"rounds\": [...]}"},
     )  # fmt: skip
+    mask_head: str = field(
+        default="",
+        metadata={"help": "which head's mask of an export with the SAM head: proposals, sam, "
+                  "combined (both heads); default the export's first"},
+    )  # fmt: skip
     show_prompt: bool = field(
         default=False,
         metadata={"help": "print the exact text, tokens and ids the model reads (the image as "
@@ -145,7 +150,9 @@ def build_segmenter(config: ChatConfig) -> Segmenter:
         config.model_dir, device, resolve_dtype(config.precision), config.load_in_8bit,
         config.load_in_4bit, vision_tower=config.vision_tower, dinov2=config.dinov2,
     )  # fmt: skip
-    if config.proposals == "store":
+    if config.mask_head == "sam":  # LISA's head reads no proposals
+        source = None
+    elif config.proposals == "store":
         if not config.proposal_store:
             raise ValueError("--proposals store needs --proposal_store")
         source = StoreProposals(config.proposal_store)
@@ -167,6 +174,7 @@ def build_segmenter(config: ChatConfig) -> Segmenter:
         strategy=config.selection or chosen.strategy,
         threshold=chosen.threshold if config.iop_threshold is None else config.iop_threshold,
         top_k=chosen.top_k if config.selection_top_k is None else config.selection_top_k,
+        mask_head=config.mask_head,
     )
     return Segmenter(exported, source, settings)
 
@@ -304,6 +312,10 @@ def format_prompt(answer: SegmentationAnswer) -> str:
     )
 
 
+def _source_name(segmenter: Segmenter) -> str:
+    return segmenter.proposals.name if segmenter.proposals is not None else "none (SAM head)"
+
+
 def run_item(segmenter: Segmenter, item: ChatItem, out_dir: Path, show_prompt=False) -> dict:
     """Segment one item and write its files."""
     started = time.time()
@@ -312,9 +324,7 @@ def run_item(segmenter: Segmenter, item: ChatItem, out_dir: Path, show_prompt=Fa
     elapsed = time.time() - started
     if show_prompt:
         sys.stdout.write(format_prompt(answer))
-    return write_answer(
-        item, image, answer, out_dir, elapsed, segmenter.proposals.name, show_prompt
-    )
+    return write_answer(item, image, answer, out_dir, elapsed, _source_name(segmenter), show_prompt)
 
 
 def run_batch(segmenter: Segmenter, items: list[ChatItem], out_dir: Path, show_prompt=False):

@@ -32,6 +32,7 @@ from utils.config import write_json_atomic
 from utils.data.images import load_rgb_image
 from utils.data.samples import EncodedSample, SegmentationRecord, collate
 from utils.distributed import barrier, is_main_process, rank, world_size
+from utils.masks import resize_nearest
 from utils.metrics import ImageScore, MultiRoundMetrics, SegmentationMetrics
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,46 @@ def _predicted_masks(sample, similarities, iop_scores, selection: SelectionSetti
     ]
 
 
+# mask head(s) a model has -> the masks evaluated, the first one primary (its numbers are the
+# top-level metrics and the history of autoregressive evaluation)
+HEAD_MASKS = {
+    "proposals": ("proposals",),
+    "sam": ("sam",),
+    "both": ("proposals", "sam", "combined"),
+}
+
+
+def combine_heads(sam_mask: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+    """The SAM mask snapped to the proposals that agree with it: the union of the proposals
+    lying mostly (IoP > 0.5) inside the SAM mask; the SAM mask itself when none does.
+
+    Args:
+        sam_mask: ``(H, W)`` bool at the image size.
+        proposals: ``(K, h, w)`` bool at the store resolution.
+    """
+    if len(proposals) == 0:
+        return sam_mask
+    small = torch.from_numpy(resize_nearest(sam_mask.numpy(), tuple(proposals.shape[1:])))
+    area = proposals.flatten(1).sum(1)
+    inside = (proposals & small).flatten(1).sum(1)
+    agree = (area > 0) & (inside * 2 > area)
+    if not agree.any():
+        return sam_mask
+    union = proposals[agree].any(0)
+    return torch.from_numpy(resize_nearest(union.numpy(), tuple(sam_mask.shape)))
+
+
+def head_masks(sample: EncodedSample, output, selection: SelectionSettings, head: str) -> list:
+    """``(mask (H, W) bool, proposals selected)`` per ``[SEG]`` row, from one head."""
+    if head == "proposals":
+        results = _predicted_masks(sample, output.similarities[0], output.iop_scores[0], selection)
+        return [(result.mask, len(result.selected)) for result in results]
+    sam = [(logits > 0).cpu() for logits in output.sam_logits[0]]
+    if head == "sam":
+        return [(mask, 0) for mask in sam]
+    return [(combine_heads(mask, sample.proposal_binary), 0) for mask in sam]
+
+
 def round_indices(sample: EncodedSample) -> list[int]:
     """The round (1-based turn) of each ``[SEG]`` row of a sample, conversation by conversation."""
     return [turn for conversation in sample.conversations for turn in conversation.seg_turns]
@@ -115,7 +156,7 @@ def is_multi_round(sample: EncodedSample) -> bool:
 
 
 def score_with_history(model, sample: EncodedSample, encoder, history: str, selection,
-                       device, dtype, pad_token_id: int):  # fmt: skip
+                       device, dtype, pad_token_id: int, head: str = "proposals"):  # fmt: skip
     """The model's scores for ``sample`` with its references reading ``history``.
 
     ``gt`` and ``none`` are one pass (the encoder wrote GT references, or none). ``predicted``
@@ -127,8 +168,8 @@ def score_with_history(model, sample: EncodedSample, encoder, history: str, sele
     if history != "predicted" or sample.reference_rows is None:
         return output
     for _ in range(max(round_indices(sample)) - 1):
-        results = _predicted_masks(sample, output.similarities[0], output.iop_scores[0], selection)
-        predicted = torch.stack([results[row].mask for row in sample.reference_rows.tolist()])
+        masks = head_masks(sample, output, selection, head)
+        predicted = torch.stack([masks[row][0] for row in sample.reference_rows.tolist()])
         image = (
             load_rgb_image(sample.record.image_path) if sample.reference_crops is not None else None
         )
@@ -141,33 +182,36 @@ def score_with_history(model, sample: EncodedSample, encoder, history: str, sele
 
 def _score_sample(
     sample: EncodedSample,
-    similarities: torch.Tensor,
-    iop_scores: torch.Tensor,
-    selection: SelectionSettings,
-    metrics: SegmentationMetrics,
+    masks_by_head: dict[str, list],
+    metrics: dict[str, SegmentationMetrics],
     vis_dir: Path | None,
     round_metrics: MultiRoundMetrics | None = None,
 ) -> list[dict]:
     rows = []
     record = sample.record
-    results = _predicted_masks(sample, similarities, iop_scores, selection)
     rounds = round_indices(sample)
-    for r, result in enumerate(results):
-        gt = sample.masks[r]
-        name = record.name if sample.masks.shape[0] == 1 else f"{record.name}_{r}"
-        score = metrics.update(result.mask, gt, name, record.groups)
-        if round_metrics is not None:
-            round_metrics.update(result.mask, gt, rounds[r], name)
-        rows.append(_row(score, record, r, len(result.selected), sample.proposal_masks.shape[0]))
-        if vis_dir is not None:
-            query = record.queries[r] if r < len(record.queries) else ""
-            save_visualization(
-                vis_dir / f"{name}.png",
-                load_rgb_image(record.image_path),
-                result.mask.numpy(),
-                gt.numpy(),
-                f"IoU {score.iou:.2f} | {query}",
+    primary = next(iter(masks_by_head))
+    for head, masks in masks_by_head.items():
+        for r, (mask, selected) in enumerate(masks):
+            gt = sample.masks[r]
+            name = record.name if sample.masks.shape[0] == 1 else f"{record.name}_{r}"
+            score = metrics[head].update(mask, gt, name, record.groups)
+            rows.append(
+                {**_row(score, record, r, selected, sample.proposal_masks.shape[0]), "head": head}
             )
+            if head != primary:
+                continue
+            if round_metrics is not None:
+                round_metrics.update(mask, gt, rounds[r], name)
+            if vis_dir is not None:
+                query = record.queries[r] if r < len(record.queries) else ""
+                save_visualization(
+                    vis_dir / f"{name}.png",
+                    load_rgb_image(record.image_path),
+                    mask.numpy(),
+                    gt.numpy(),
+                    f"IoU {score.iou:.2f} | {query}",
+                )
     return rows
 
 
@@ -186,7 +230,11 @@ def _row(score: ImageScore, record: SegmentationRecord, r: int, selected: int, k
 
 
 def _score_unusable(
-    record: SegmentationRecord, metrics: SegmentationMetrics, round_metrics: MultiRoundMetrics
+    record: SegmentationRecord,
+    metrics: SegmentationMetrics,
+    round_metrics: MultiRoundMetrics,
+    per_round: bool = True,
+    head: str = "proposals",
 ) -> list[dict]:
     """A record whose prompt did not fit: every target scored against an empty prediction."""
     image = load_rgb_image(record.image_path)
@@ -197,13 +245,13 @@ def _score_unusable(
         for turn, (_, answer) in enumerate(turns, 1)
         for _ in range((answer or "").count("[SEG]"))
     ]
-    multi_round = len(set(rounds)) > 1
+    multi_round = per_round and len(set(rounds)) > 1
     rows = []
     for r, gt in enumerate(masks):
         score = metrics.update(np.zeros_like(gt), gt, f"{record.name}_{r}", record.groups)
         if multi_round:
             round_metrics.update(np.zeros_like(gt), gt, rounds[r], f"{record.name}_{r}")
-        rows.append(_row(score, record, r, 0, 0))
+        rows.append({**_row(score, record, r, 0, 0), "head": head})
     return rows
 
 
@@ -238,7 +286,8 @@ def evaluate(
     out_dir = Path(out_dir)
     was_training = model.training
     model.eval()
-    metrics = SegmentationMetrics()
+    heads = HEAD_MASKS[getattr(model, "mask_head", "proposals")]
+    metrics = {head: SegmentationMetrics() for head in heads}
     round_metrics = MultiRoundMetrics()
     rows: list[dict] = []
     indices = range(rank(), len(dataset), world_size())
@@ -246,28 +295,34 @@ def evaluate(
     for index in tqdm(indices, desc="evaluate", disable=not is_main_process(), mininterval=5):
         item = dataset[index]
         if isinstance(item, SegmentationRecord):
-            rows += _score_unusable(item, metrics, round_metrics)
+            for head in heads:
+                rows += _score_unusable(item, metrics[head], round_metrics, head == heads[0], head)
             continue
-        if item.proposal_masks.shape[0] == 0:
+        if item.proposal_masks.shape[0] == 0 and "proposals" in heads:
             no_proposals += 1
         output = score_with_history(
             model, item, getattr(dataset, "encoder", None), history, selection, device, dtype,
-            pad_token_id,
+            pad_token_id, heads[0],
         )  # fmt: skip
         drawn = visualize < 0 or len(rows) < visualize
         vis_dir = out_dir / "vis" if drawn else None
+        masks_by_head = {head: head_masks(item, output, selection, head) for head in heads}
         rows += _score_sample(
-            item, output.similarities[0], output.iop_scores[0], selection, metrics, vis_dir,
+            item, masks_by_head, metrics, vis_dir,
             round_metrics if is_multi_round(item) else None,
         )  # fmt: skip
     if no_proposals:
         logger.warning("%d images had no proposals and were scored as empty masks", no_proposals)
     group_names = sorted({"all"} | {g for row in rows for g in row["groups"].split("|") if g})
     group_names = _gather_union(group_names)
-    metrics.all_reduce(group_names)
+    for head_metrics in metrics.values():
+        head_metrics.all_reduce(group_names)
     all_rows = _gather_rows(rows)
-    results = metrics.compute()
-    results["selection"] = selection.strategy
+    results = metrics[heads[0]].compute()
+    results["head"] = heads[0]
+    if len(heads) > 1:  # every head side by side, the primary one also at the top level
+        results["heads"] = {head: metrics[head].compute() for head in heads}
+    results["selection"] = selection.strategy if heads[0] != "sam" else "logits > 0"
     results["iop_threshold"] = selection.threshold
     rounds = _gather_union([str(r) for r in round_metrics.rounds])
     if rounds:

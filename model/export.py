@@ -44,8 +44,10 @@ from model.backbones.dinov2 import load_dinov2
 from model.backbones.features import DinoFeatureExtractor
 from model.backbones.llava import LlavaBackbone, build_projector
 from model.backbones.llava_checkpoint import load_clip_vision_tower, read_llava_config
+from model.backbones.sam import load_sam
 from model.builder import LLMSegConfig, build_llm_seg, merge_lora_weights, setup_trainable
 from model.heads.proposal_scorer import ProposalScorer
+from model.heads.sam_decoder import SamMaskHead
 from model.llm_seg import LLMSegModel
 from model.mask_encoder import build_mask_encoder
 from utils.checkpoint import (
@@ -75,7 +77,7 @@ ADAPTER_FILE = "adapter.safetensors"
 EXPORT_KINDS = ("merged", "adapter")
 # The heads LLMSegModel adds around LLaVA (and SegLLM's mask encoder); the merged kind stores
 # them in HEAD_FILE.
-HEAD_PREFIXES = ("text_projection.", "proposal_scorer.", "mask_encoder.")
+HEAD_PREFIXES = ("text_projection.", "proposal_scorer.", "mask_encoder.", "sam_head.mask_decoder.")
 
 
 @dataclass
@@ -402,13 +404,18 @@ def _build_merged(folder: Path, manifest: ExportManifest, device, dtype, quantiz
     if config.multi_round:  # SegLLM's parts; their weights are in HEAD_FILE
         mask_encoder = build_mask_encoder(config.mask_encoder, projector, arch.hidden_size)
         ref_token_id = tokenizer.convert_tokens_to_ids(REF_TOKEN)
+    sam_head = None
+    if config.mask_head != "proposals":
+        sam_head = SamMaskHead(load_sam(config.sam_checkpoint, config.sam_model_type)).to(dtype)
     model = LLMSegModel(
         backbone, dino, scorer, arch.seg_token_id, config.loss_config(), mask_encoder,
-        ref_token_id, config.ref_dropout,
+        ref_token_id, config.ref_dropout, sam_head, config.mask_head,
     )  # fmt: skip
     head = {HEAD_PREFIXES[0]: model.text_projection, HEAD_PREFIXES[1]: model.proposal_scorer}
     if mask_encoder is not None:
         head[HEAD_PREFIXES[2]] = mask_encoder
+    if sam_head is not None:  # its frozen encoders come from the SAM checkpoint
+        head[HEAD_PREFIXES[3]] = sam_head.mask_decoder
     state = load_state_dict(folder / HEAD_FILE)
     for prefix, module in head.items():
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -420,7 +427,7 @@ def _build_merged(folder: Path, manifest: ExportManifest, device, dtype, quantiz
     if quantization is None:
         model.to(device)
     else:  # the quantized LLM is already placed; `.to` would fail on it
-        for part in (tower, projector, dino, model.text_projection, scorer, mask_encoder):
+        for part in (tower, projector, dino, model.text_projection, scorer, mask_encoder, sam_head):
             if part is not None:
                 part.to(device)
     return model, tokenizer
@@ -469,7 +476,9 @@ def load_exported(
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
-    overrides = {"vision_tower": vision_tower, "dinov2": dinov2, "version": version}
+    overrides = {
+        "vision_tower": vision_tower, "dinov2": dinov2, "version": version, "sam_checkpoint": "",
+    }  # fmt: skip
     model_config = manifest.model
     for name, value in overrides.items():
         path = value or _resolve_encoder_path(folder, getattr(model_config, name))
@@ -544,7 +553,7 @@ def export_training_run(
     run.setdefault("tokenization", "hf")  # runs from before the setting: trained with hf
     model_config = _pick(LLMSegConfig, run)
     save_dtype = resolve_dtype(dtype or model_config.precision)
-    for name in ("version", "vision_tower", "dinov2"):
+    for name in ("version", "vision_tower", "dinov2", "sam_checkpoint"):
         path = getattr(model_config, name)
         setattr(model_config, name, str(Path(path).resolve()) if path else path)
     model_config.precision = {v: k for k, v in PRECISIONS.items()}[save_dtype]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
+from model.evaluation import HEAD_MASKS, combine_heads
 from model.heads.selection import SELECTION_STRATEGIES
 from utils.batch import LLMSegBatch
 from utils.data.conversation import (
@@ -56,12 +57,14 @@ class InferenceSettings:
     strategy: str = "iop"
     threshold: float = 0.5
     top_k: int = 5
+    mask_head: str = ""  # proposals, sam or combined (both heads); "": the model's first head
 
     def validate(self) -> None:
         for name, value, allowed in (
             ("mode", self.mode, MODES),
             ("template", self.template, TEMPLATES),
             ("strategy", self.strategy, SELECTION_STRATEGIES),
+            ("mask_head", self.mask_head, ("", "proposals", "sam", "combined")),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
@@ -220,6 +223,13 @@ class Segmenter:
         self.device = next(self.model.dino.parameters()).device
         self.dtype = next(self.model.proposal_scorer.parameters()).dtype
         self.tokenization = resolve_tokenization(self.manifest.model.tokenization, self.tokenizer)
+        available = HEAD_MASKS[self.model.mask_head]
+        self.head = settings.mask_head or available[0]
+        if self.head not in available:
+            raise ValueError(
+                f"--mask_head {self.head}: this model has {self.model.mask_head} (masks: "
+                f"{', '.join(available)})"
+            )
         self.legacy = (
             LegacyLlamaTokenizer.from_tokenizer(self.tokenizer)
             if self.tokenization == "llava_legacy"
@@ -250,6 +260,17 @@ class Segmenter:
             references=references,
         )  # fmt: skip
         return encoded.input_ids
+
+    def _sam_inputs(self, image: np.ndarray) -> dict:
+        """The SAM head's input for one image (nothing for a model without it)."""
+        if self.model.sam_head is None:
+            return {}
+        pixels, resized = preprocess_for_dinov2(image, self.model.sam_image_size)
+        return {
+            "sam_pixels": pixels[None],
+            "sam_resized_hw": [resized],
+            "image_sizes": [tuple(image.shape[:2])],
+        }
 
     def _model_text(self, prompt: str) -> str:
         """The rendered prompt with the image tags the model reads around ``<image>``."""
@@ -288,7 +309,10 @@ class Segmenter:
         """Segment ``image`` ``(H, W, 3)`` uint8 RGB for ``query``; ``key`` names it in a store."""
         settings, manifest = self.settings, self.manifest
         question = build_question(query, settings.template)
-        proposals = self.proposals(image, key)
+        # The SAM head alone needs no proposals (no store, no SAM-everything pass).
+        proposals = self.proposals(image, key) if self.head != "sam" else None
+        if proposals is None:
+            proposals = ImageProposals.empty(*image.shape[:2])
         sample = build_proposal_sample(
             proposals,
             None,
@@ -320,13 +344,21 @@ class Segmenter:
             dino_pixels=dino_pixels[None],
             image_index=torch.zeros(1, dtype=torch.long),
             proposal_masks=[sample.weight_maps],
+            **self._sam_inputs(image),
         )
         height, width = image.shape[:2]
-        results = self.model.predict_masks(
-            batch.to(self.device, self.dtype), [sample.masks], settings.strategy,
-            settings.threshold, settings.top_k, output_sizes=[(height, width)],
-        )[0]  # fmt: skip
-        rounds = [_round(result, sample) for result in results]
+        if self.head == "proposals":
+            results = self.model.predict_masks(
+                batch.to(self.device, self.dtype), [sample.masks], settings.strategy,
+                settings.threshold, settings.top_k, output_sizes=[(height, width)],
+            )[0]  # fmt: skip
+            rounds = [_round(result, sample) for result in results]
+        else:
+            logits = self.model.score(batch.to(self.device, self.dtype)).sam_logits[0]
+            masks = [(mask > 0).cpu() for mask in logits]
+            if self.head == "combined":
+                masks = [combine_heads(mask, sample.masks) for mask in masks]
+            rounds = [SegmentationRound(mask=m.numpy().astype(bool), proposals=[]) for m in masks]
         mask = np.zeros((height, width), bool)
         for round_ in rounds:
             mask |= round_.mask
@@ -349,7 +381,7 @@ class Segmenter:
             note=note,
             settings={"strategy": settings.strategy, "threshold": settings.threshold,
                       "top_k": settings.top_k, "template": settings.template,
-                      "tokenization": self.tokenization},
+                      "tokenization": self.tokenization, "mask_head": self.head},
             prompt_text=prompt_text,
             prompt_ids=readable[0],
             prompt_tokens=readable[1],

@@ -5,15 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
+import chat
 from model.backbones.sam import load_sam
 from model.builder import build_llm_seg, setup_trainable, tiny_llm_seg_config
+from model.evaluation import SelectionSettings, combine_heads, evaluate
+from model.export import ExportManifest, describe_model, load_exported, save_export
 from model.heads.losses import dice_loss, sigmoid_bce_loss
 from model.heads.sam_decoder import SamMaskHead
+from model.inference import build_question
 from tests.model.test_multi_round import _settings, record, write_scene
 from utils.data.builders import build_encoder
 from utils.data.images import preprocess_for_dinov2
+from utils.data.mixing import EvaluationDataset
 from utils.data.samples import collate
 
 
@@ -122,3 +128,73 @@ def test_overfit_one_batch_with_the_sam_head(sam_model, scene):
     target = batch.target_masks[0][0].bool()
     iou = (mask & target).sum() / (mask | target).sum()
     assert iou >= 0.9
+
+
+def test_combined_mask_snaps_the_sam_mask_to_agreeing_proposals():
+    sam_mask = torch.zeros(8, 8, dtype=torch.bool)
+    sam_mask[1:6, 1:6] = True
+    proposals = torch.zeros(3, 4, 4, dtype=torch.bool)  # store resolution: half the image
+    proposals[0, 0:3, 0:3] = True  # 9 cells, inside the SAM mask (downsampled) mostly
+    proposals[1, 2:4, 2:4] = True  # 4 cells, 1 inside: disagrees
+    combined = combine_heads(sam_mask, proposals)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[0:6, 0:6] = True  # proposal 0 at the image size
+    assert torch.equal(combined, expected)
+    assert torch.equal(combine_heads(sam_mask, proposals[1:]), sam_mask)  # none agrees
+    assert torch.equal(combine_heads(sam_mask, proposals[:0]), sam_mask)
+
+
+def test_both_heads_evaluate_side_by_side_and_export(tiny_checkpoints, scene, tmp_path):
+    torch.manual_seed(1)
+    config = tiny_llm_seg_config(
+        tiny_checkpoints, mask_head="both", sam_checkpoint=str(tiny_checkpoints.sam)
+    )
+    model, tokenizer = build_llm_seg(config)
+    setup_trainable(model, config)
+    model.eval()
+    encoder = build_encoder(_settings(config), tokenizer, 16, model.sam_image_size)
+    turns = [("<image>\\nSegment the red box.", "[SEG].")]
+    records = [record(scene, turns, [t], name=t) for t in ("red", "left")]
+    results = evaluate(
+        model, EvaluationDataset(records, encoder), SelectionSettings("argmax"),
+        torch.device("cpu"), torch.float32, 0, tmp_path / "eval",
+    )  # fmt: skip
+    assert results["head"] == "proposals"
+    assert set(results["heads"]) == {"proposals", "sam", "combined"}
+    assert results["giou"] == results["heads"]["proposals"]["giou"]
+    # The SAM head's gIoU by hand: logits > 0 against each target.
+    ious = []
+    for sample in (encoder(r) for r in records):
+        with torch.no_grad():
+            mask = model.score(collate([sample], 0)[0]).sam_logits[0][0] > 0
+        target = sample.masks[0] == 1
+        union = (mask | target).sum()
+        ious.append(float((mask & target).sum() / union) if union else 1.0)
+    assert results["heads"]["sam"]["giou"] == pytest.approx(sum(ious) / 2, abs=1e-6)
+    rows = (tmp_path / "eval" / "per_image.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6  # two images x three heads
+    assert rows[0].endswith(",head")
+
+    manifest = ExportManifest("merged", config, describe_model(model, tokenizer))
+    batch = collate([encoder(records[0])], 0)[0]
+    with torch.no_grad():
+        expected = model.score(batch).sam_logits[0]
+    save_export(model, tokenizer, manifest, tmp_path / "export")
+    loaded = load_exported(tmp_path / "export")
+    assert loaded.model.mask_head == "both"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.score(batch).sam_logits[0], expected)
+    # chat.py with only the SAM head's mask: no proposal source at all.
+    image = scene / "scene.png"
+    record_out = chat.main(chat.ChatConfig(
+        model_dir=str(tmp_path / "export"), image=str(image), query="the red box",
+        mode="teacher_forced", mask_head="sam", precision="fp32", device="cpu",
+        out_dir=str(tmp_path / "chat"),
+    ))  # fmt: skip
+    assert record_out["selection"]["mask_head"] == "sam"
+    assert record_out["proposal_source"] == "none (SAM head)"
+    saved = torch.from_numpy(np.asarray(Image.open(tmp_path / "chat" / record_out["mask"])) > 0)
+    sample = encoder(record(scene, [(build_question("the red box", "long"), "[SEG].")], ["red"]))
+    with torch.no_grad():
+        logits = loaded.model.score(collate([sample], 0)[0]).sam_logits[0][0]
+    assert torch.equal(saved, logits > 0)
