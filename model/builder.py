@@ -100,6 +100,11 @@ class LLMSegConfig:
     sam_model_type: str = field(
         default="vit_h", metadata={"help": "SAM size of an official checkpoint (vit_h/l/b)"}
     )
+    train_sam_encoder: bool = field(
+        default=False,
+        metadata={"help": "train the SAM head's image encoder too (frozen in LISA; for tiny "
+                  "random SAMs such as the demo's)"},
+    )  # fmt: skip
     bce_loss_weight: float = field(default=2.0, metadata={"help": "SAM head: mask BCE weight"})
     dice_loss_weight: float = field(default=0.5, metadata={"help": "SAM head: mask Dice weight"})
     mask_encoder: str = field(
@@ -304,6 +309,7 @@ def setup_trainable(model: LLMSegModel, config: LLMSegConfig) -> LLMSegModel:
         model.mask_encoder.requires_grad_(True)
     if model.sam_head is not None:  # LISA: SAM's encoders stay frozen, its decoder trains
         model.sam_head.mask_decoder.requires_grad_(True)
+        model.sam_head.image_encoder.requires_grad_(config.train_sam_encoder)
     model.set_gradient_checkpointing(config.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

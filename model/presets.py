@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 # A 128-wide LLM (the kit's default is 32): the [SEG] state must pick out one word of the query
 # ("the *red* one"), and at width 32 the joint training stays on a plateau where the [SEG]
 # embedding ignores that word (see the module docstring).
-DEMO_SIZES = TinySizes(text_hidden=128, text_intermediate=256)
+# SAM's prompts as wide as the demo's [SEG] embedding (out_dim 64), for --mask_head sam|both.
+DEMO_SIZES = TinySizes(text_hidden=128, text_intermediate=256, sam_prompt_dim=64)
 # Enough merges for every word of the synthetic queries to become a single token.
 DEMO_VOCAB_SIZE = 1000
 MODEL_ARGS_FILE = "model_args.txt"

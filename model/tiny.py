@@ -56,6 +56,7 @@ class TinySizes:
     sam_image_size: int = 256
     sam_embed_dim: int = 64
     sam_depth: int = 2
+    sam_prompt_dim: int = 32  # SAM's prompt width = the [SEG] projection's width for its head
     # Init std of the LLaMA weights (transformers' default). At width d and sequence length L an
     # attention layer's output is about std * d / sqrt(L) times the token's own embedding, so at
     # d = 32 the last token barely sees the others until training grows the weights (at d = 4096
@@ -135,7 +136,7 @@ def tiny_sam_architecture(sizes: TinySizes = TINY) -> SamArchitecture:
         encoder_num_heads=2,
         encoder_global_attn_indexes=[sizes.sam_depth - 1],
         encoder_window_size=4,
-        prompt_embed_dim=32,
+        prompt_embed_dim=sizes.sam_prompt_dim,
         decoder_mlp_dim=64,
         decoder_num_heads=2,
     )

@@ -187,6 +187,11 @@ def build_report(
             for name, rows in _group_rows(baselines, "length").items()
         },
     )
+    if "heads" in eval_metrics:  # several mask heads: each one's overall numbers
+        report["heads"] = {
+            head: {"giou": values["giou"], "ciou": values["ciou"]}
+            for head, values in eval_metrics["heads"].items()
+        }
     if stage_seconds:
         report["stage_seconds"] = dict(stage_seconds)
         report["total_seconds"] = round(sum(stage_seconds.values()), 1)

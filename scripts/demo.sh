@@ -21,6 +21,8 @@
 # overridden from the environment, e.g. the test suite's variant:
 #   DEMO_NUM_TRAIN=60 DEMO_NUM_VAL=30 DEMO_EPOCHS=1 DEMO_STEPS_PER_EPOCH=250 DEMO_BATCH_SIZE=4 \
 #     DEMO_WARMUP_STEPS=25 bash scripts/demo.sh out
+# DEMO_MASK_HEAD=sam|both trains LISA's SAM mask-decoder head (on the kit's tiny random SAM) instead
+# of / beside the proposal scorer; DEMO_TRAIN_SAM_ENCODER=1 trains that SAM's encoder too.
 # A rerun starts over: the demo's own folders inside OUT_DIR are replaced.
 set -euo pipefail
 
@@ -43,6 +45,8 @@ QUERIES_PER_IMAGE="${DEMO_QUERIES_PER_IMAGE:-4}"  # rounds per picture per step,
 LR="${DEMO_LR:-2e-3}"
 WARMUP_STEPS="${DEMO_WARMUP_STEPS:-50}"
 TOP_K="${DEMO_TOP_K:-50}"                     # proposals the model chooses from
+MASK_HEAD="${DEMO_MASK_HEAD:-proposals}"      # proposals (LLM-Seg), sam (LISA) or both
+TRAIN_SAM_ENCODER="${DEMO_TRAIN_SAM_ENCODER:-0}"  # 1: the tiny random SAM's encoder trains too
 # Tiny tensors: one thread per process is fastest (extra threads only spin on a busy CPU).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TOKENIZERS_PARALLELISM=false
@@ -108,6 +112,12 @@ stage_done
 stage 3 model "tiny random checkpoints, tokenizer trained on the training queries"
 "$PYTHON" -m model.presets --dataset_dir "$DATASET" --out_dir "$OUT/checkpoints" --seed "$SEED"
 mapfile -t MODEL_ARGS <"$OUT/checkpoints/model_args.txt"
+if [[ "$MASK_HEAD" != proposals ]]; then
+  MODEL_ARGS+=(--mask_head "$MASK_HEAD" --sam_checkpoint "$OUT/checkpoints/sam_tiny.pth")
+  if [[ "$TRAIN_SAM_ENCODER" == 1 ]]; then
+    MODEL_ARGS+=(--train_sam_encoder)
+  fi
+fi
 stage_done
 
 DATA_ARGS=(--dataset_dir "$DATASET" --sam_masks_dir "$MASKS" --val_dataset "ReasonSeg|val"

@@ -56,11 +56,13 @@ class SamMaskHead(nn.Module):
         self.prompt_encoder.eval()
         return self
 
-    @torch.no_grad()
     def embed_images(self, sam_pixels: torch.Tensor) -> torch.Tensor:
-        """``(I, 3, S, S)`` preprocessed images -> ``(I, C, g, g)`` image embeddings."""
-        dtype = next(self.image_encoder.parameters()).dtype
-        return self.image_encoder(sam_pixels.to(dtype))
+        """``(I, 3, S, S)`` preprocessed images -> ``(I, C, g, g)`` image embeddings (without
+        gradients unless the encoder was made trainable, ``--train_sam_encoder``)."""
+        parameters = list(self.image_encoder.parameters())
+        trainable = any(p.requires_grad for p in parameters)
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            return self.image_encoder(sam_pixels.to(parameters[0].dtype))
 
     def decode(self, image_embedding: torch.Tensor, seg_embeddings: torch.Tensor) -> torch.Tensor:
         """Low-resolution mask logits for ``R`` prompts on one image.

@@ -198,3 +198,18 @@ def test_both_heads_evaluate_side_by_side_and_export(tiny_checkpoints, scene, tm
     with torch.no_grad():
         logits = loaded.model.score(collate([sample], 0)[0]).sam_logits[0][0]
     assert torch.equal(saved, logits > 0)
+
+
+def test_train_sam_encoder_option(tiny_checkpoints, scene):
+    config = tiny_llm_seg_config(
+        tiny_checkpoints, mask_head="sam", sam_checkpoint=str(tiny_checkpoints.sam),
+        train_sam_encoder=True,
+    )  # fmt: skip
+    model, tokenizer = build_llm_seg(config)
+    setup_trainable(model, config)
+    model.train()
+    model(_batch(model, tokenizer, config, scene)).loss.backward()
+    grads = [p.grad for p in model.sam_head.image_encoder.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in model.sam_head.prompt_encoder.parameters())
