@@ -104,6 +104,7 @@ def main(config: EvalConfig) -> dict:
         config,
         build_encoder(config, tokenizer, model.num_image_tokens, model.sam_image_size),
         config.val_dataset,
+        with_proposals=model.mask_head != "sam",
     )
     metrics = evaluate(
         model,

@@ -52,6 +52,9 @@ from utils.run_checkpoints import (
     save_training_checkpoint,
 )
 
+# the losses logged (and written to TensorBoard) when the model reports them
+LOGGED_LOSSES = ("loss", "ce_loss", "align_loss", "iop_loss", "ref_loss", "bce_loss", "dice_loss")
+
 logger = logging.getLogger("training")
 
 
@@ -180,7 +183,9 @@ def main(config: TrainConfig) -> dict:
     val_dataset = (
         None
         if config.no_eval and not config.eval_only
-        else build_eval_dataset(config, encoder, config.val_dataset)
+        else build_eval_dataset(
+            config, encoder, config.val_dataset, with_proposals=model.mask_head != "sam"
+        )
     )
     writer = SummaryWriter(log_dir) if is_main_process() else None
 
@@ -252,7 +257,7 @@ def main(config: TrainConfig) -> dict:
             engine.backward(output.loss)
             engine.step()
             samples_done += config.batch_size
-            for key in ("loss", "ce_loss", "align_loss", "iop_loss"):
+            for key in LOGGED_LOSSES:
                 value = getattr(output, key)
                 if value is not None:
                     sums[key] = sums.get(key, 0.0) + float(value.detach()) / micro_steps_per_step

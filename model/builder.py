@@ -197,7 +197,7 @@ def build_llm_seg(
         parameter trainable (call :func:`setup_trainable` for training), and the tokenizer
         holding ``[SEG]`` and ``<image>``.
     """
-    for name in ("version", "dinov2"):
+    for name in ("version", "dinov2") if config.mask_head != "sam" else ("version",):
         if not getattr(config, name):
             raise ValueError(f"LLMSegConfig.{name} is required: a local checkpoint path")
     device = torch.device(device)
@@ -209,9 +209,16 @@ def build_llm_seg(
         attn_implementation=attention_implementation(device, dtype),
         model_max_length=config.model_max_length,
     )
-    dino = DinoFeatureExtractor(load_dinov2(config.dinov2, dtype, arch=config.dinov2_arch or None))
-    grid = dino.grid_size(config.dino_image_size)
-    scorer = ProposalScorer(config.scorer_config(dino.feature_dim))
+    dino = scorer = None
+    if config.mask_head != "sam":  # the proposal head: DINOv2 features + the scorer
+        dinov2 = load_dinov2(config.dinov2, dtype, arch=config.dinov2_arch or None)
+        dino = DinoFeatureExtractor(dinov2)
+        scorer = ProposalScorer(config.scorer_config(dino.feature_dim))
+    elif config.multi_round:
+        raise ValueError(
+            "SegLLM's mask encoder needs the proposal head's relation features: use --mask_head "
+            "proposals or both with --mask_encoder"
+        )
     mask_encoder, ref_token_id = build_multi_round_parts(config, backbone, tokenizer)
     sam_head = None
     if config.mask_head != "proposals":
@@ -230,18 +237,18 @@ def build_llm_seg(
         sam_head=sam_head,
         mask_head=config.mask_head,
     )
-    model.text_projection.to(dtype)
-    model.proposal_scorer.to(dtype)
-    if mask_encoder is not None:
-        mask_encoder.to(dtype)
+    for part in (model.text_projection, scorer, mask_encoder):
+        if part is not None:
+            part.to(dtype)
+    heads = [
+        f"DINOv2 {dino.grid_size(config.dino_image_size)}^2 grid of {dino.feature_dim}-d features"
+        if dino is not None else "",
+        f"SAM head at {sam_head.image_size} px" if sam_head is not None else "",
+    ]  # fmt: skip
     logger.info(
-        "LLM-Seg: %d image tokens, [SEG] id %d, DINOv2 %dx%d grid of %d-d features",
-        model.num_image_tokens,
-        model.seg_token_id,
-        grid,
-        grid,
-        dino.feature_dim,
-    )
+        "LLM-Seg: %d image tokens, [SEG] id %d, %s",
+        model.num_image_tokens, model.seg_token_id, ", ".join(h for h in heads if h),
+    )  # fmt: skip
     return model.to(device).eval(), tokenizer
 
 
@@ -300,11 +307,13 @@ def setup_trainable(model: LLMSegModel, config: LLMSegConfig) -> LLMSegModel:
             parameter.requires_grad_("lora_" in name)
     if config.train_language_model:
         language_model.requires_grad_(True)
-    model.dino.set_trainable(config.train_dinov2)
+    if model.dino is not None:
+        model.dino.set_trainable(config.train_dinov2)
     language_model.get_input_embeddings().requires_grad_(True)
     language_model.get_output_embeddings().requires_grad_(True)
     model.text_projection.requires_grad_(True)
-    model.proposal_scorer.requires_grad_(model.mask_head != "sam")  # LISA alone: not used
+    if model.proposal_scorer is not None:
+        model.proposal_scorer.requires_grad_(True)
     if model.mask_encoder is not None:
         model.mask_encoder.requires_grad_(True)
     if model.sam_head is not None:  # LISA: SAM's encoders stay frozen, its decoder trains

@@ -192,7 +192,7 @@ def describe_model(model: LLMSegModel, tokenizer) -> ExportArchitecture:
         projector_type="linear" if isinstance(backbone.projector, nn.Linear) else "mlp2x_gelu",
         vision_select_layer=backbone.vision_select_layer,
         vision_select_feature=backbone.vision_select_feature,
-        dino_feature_dim=model.dino.feature_dim,
+        dino_feature_dim=model.dino.feature_dim if model.dino is not None else 0,
     )
 
 
@@ -398,8 +398,11 @@ def _build_merged(folder: Path, manifest: ExportManifest, device, dtype, quantiz
         vision_select_layer=arch.vision_select_layer,
         vision_select_feature=arch.vision_select_feature,
     )
-    dino = DinoFeatureExtractor(load_dinov2(config.dinov2, dtype, arch=config.dinov2_arch or None))
-    scorer = ProposalScorer(config.scorer_config(dino.feature_dim))
+    dino = scorer = None
+    if config.mask_head != "sam":
+        dinov2 = load_dinov2(config.dinov2, dtype, arch=config.dinov2_arch or None)
+        dino = DinoFeatureExtractor(dinov2)
+        scorer = ProposalScorer(config.scorer_config(dino.feature_dim))
     mask_encoder = ref_token_id = None
     if config.multi_round:  # SegLLM's parts; their weights are in HEAD_FILE
         mask_encoder = build_mask_encoder(config.mask_encoder, projector, arch.hidden_size)
@@ -411,7 +414,9 @@ def _build_merged(folder: Path, manifest: ExportManifest, device, dtype, quantiz
         backbone, dino, scorer, arch.seg_token_id, config.loss_config(), mask_encoder,
         ref_token_id, config.ref_dropout, sam_head, config.mask_head,
     )  # fmt: skip
-    head = {HEAD_PREFIXES[0]: model.text_projection, HEAD_PREFIXES[1]: model.proposal_scorer}
+    head = {HEAD_PREFIXES[0]: model.text_projection}
+    if scorer is not None:
+        head[HEAD_PREFIXES[1]] = scorer
     if mask_encoder is not None:
         head[HEAD_PREFIXES[2]] = mask_encoder
     if sam_head is not None:  # its frozen encoders come from the SAM checkpoint

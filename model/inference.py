@@ -220,8 +220,8 @@ class Segmenter:
         self.clip_processor = clip_image_processor(
             self.manifest.model.vision_tower, tower.image_size
         )
-        self.device = next(self.model.dino.parameters()).device
-        self.dtype = next(self.model.proposal_scorer.parameters()).dtype
+        self.device = next(self.model.text_projection.parameters()).device
+        self.dtype = next(self.model.text_projection.parameters()).dtype
         self.tokenization = resolve_tokenization(self.manifest.model.tokenization, self.tokenizer)
         available = HEAD_MASKS[self.model.mask_head]
         self.head = settings.mask_head or available[0]

@@ -103,8 +103,9 @@ class LLMSegModel(nn.Module):
 
     Args:
         backbone: the LLaVA backbone (tokenizer already holds ``[SEG]``).
-        dino: frozen DINOv2 feature extractor.
-        proposal_scorer: the scorer; its ``embed_dim`` is the text projection's output size.
+        dino: frozen DINOv2 feature extractor (``None`` for a SAM-head-only model).
+        proposal_scorer: the scorer; its ``embed_dim`` is the text projection's output size
+            (``None`` for a SAM-head-only model, whose projection gives SAM's prompt width).
         seg_token_id: id of ``[SEG]``.
         loss_config: loss weights and constants.
         mask_encoder: SegLLM's encoder of earlier masks (``None``: single-round LLM-Seg).
@@ -118,8 +119,8 @@ class LLMSegModel(nn.Module):
     def __init__(
         self,
         backbone: LlavaBackbone,
-        dino: DinoFeatureExtractor,
-        proposal_scorer: ProposalScorer,
+        dino: DinoFeatureExtractor | None,
+        proposal_scorer: ProposalScorer | None,
         seg_token_id: int,
         loss_config: LossConfig | None = None,
         mask_encoder: PooledMaskEncoder | None = None,
@@ -133,24 +134,26 @@ class LLMSegModel(nn.Module):
             raise ValueError(f"unknown mask head {mask_head!r}; expected one of {MASK_HEADS}")
         if (mask_head != "proposals") != (sam_head is not None):
             raise ValueError(f"--mask_head {mask_head} and the SAM head go together")
-        if sam_head is not None and sam_head.prompt_dim != proposal_scorer.config.embed_dim:
-            raise ValueError(
-                f"SAM's prompts are {sam_head.prompt_dim}-d but the [SEG] projection gives "
-                f"{proposal_scorer.config.embed_dim} (set --out_dim to SAM's prompt width)"
-            )
-        if (mask_encoder is None) != (ref_token_id is None):
-            raise ValueError("a mask encoder and the <ref> token id go together")
-        if mask_encoder is not None and not proposal_scorer.config.relation_features:
-            raise ValueError("a multi-round model needs a scorer with relation_features")
-        if proposal_scorer.config.feature_dim != dino.feature_dim:
-            raise ValueError(
-                f"scorer expects {proposal_scorer.config.feature_dim}-d features but DINOv2 "
-                f"gives {dino.feature_dim}"
-            )
+        if (proposal_scorer is None or dino is None) != (mask_head == "sam"):
+            raise ValueError("the proposal head (DINOv2 + scorer) is built unless --mask_head sam")
+        if proposal_scorer is None:
+            embed_dim = sam_head.prompt_dim
+        else:
+            embed_dim = proposal_scorer.config.embed_dim
+            if sam_head is not None and sam_head.prompt_dim != embed_dim:
+                raise ValueError(
+                    f"SAM's prompts are {sam_head.prompt_dim}-d but the [SEG] projection gives "
+                    f"{embed_dim} (set --out_dim to SAM's prompt width)"
+                )
+            if mask_encoder is not None and not proposal_scorer.config.relation_features:
+                raise ValueError("a multi-round model needs a scorer with relation_features")
+            if proposal_scorer.config.feature_dim != dino.feature_dim:
+                raise ValueError(
+                    f"scorer expects {proposal_scorer.config.feature_dim}-d features but DINOv2 "
+                    f"gives {dino.feature_dim}"
+                )
         self.backbone = backbone
-        self.text_projection = build_text_projection(
-            backbone.hidden_size, proposal_scorer.config.embed_dim
-        )
+        self.text_projection = build_text_projection(backbone.hidden_size, embed_dim)
         self.dino = dino
         self.proposal_scorer = proposal_scorer
         self.seg_token_id = seg_token_id
@@ -190,7 +193,8 @@ class LLMSegModel(nn.Module):
         # The frozen vision encoders never leave eval mode.
         super().train(mode)
         self.backbone.vision_tower.eval()
-        self.dino.eval()
+        if self.dino is not None:
+            self.dino.eval()
         return self
 
     def seg_hidden_states(

@@ -110,6 +110,10 @@ class MultiRoundSession:
     _cached_ids: list[int] = field(default_factory=list)
     _state: _ImageState | None = None
 
+    def __post_init__(self) -> None:
+        if self.model.proposal_scorer is None:
+            raise ValueError("multi-round sessions need the proposal head (not --mask_head sam)")
+
     @property
     def model(self):
         return self.segmenter.model

@@ -151,3 +151,46 @@ def load_sam(
     sam = build_sam(arch)
     load_state_dict_strict(sam, load_state_dict(checkpoint), source=checkpoint)
     return sam.to(device)
+
+
+def infer_sam_architecture(state: dict[str, torch.Tensor], decoder_num_heads: int = 8):
+    """The :class:`SamArchitecture` of a SAM state dict, read from the tensor shapes.
+
+    Image size from ``pos_embed`` and the patch size, encoder width and depth from the patch
+    embedding and the blocks, encoder heads from the ``rel_pos`` tables (their width is the
+    head dimension), global vs window blocks from the tables' length (``2 * grid - 1`` for global
+    attention, ``2 * window - 1`` otherwise), prompt width, mask channels and decoder depth/MLP
+    from theirs. The decoder's head count leaves no trace in the weights: every released SAM
+    uses 8, hence the default.
+
+    Raises:
+        CheckpointError: a tensor SAM always has is missing (the message names it).
+    """
+
+    def get(name: str) -> torch.Tensor:
+        if name not in state:
+            raise CheckpointError(f"not a SAM state dict: no {name}")
+        return state[name]
+
+    patch = get("image_encoder.patch_embed.proj.weight")
+    embed_dim, patch_size = patch.shape[0], patch.shape[-1]
+    grid = get("image_encoder.pos_embed").shape[1]
+    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks.")})
+    tables = [get(f"image_encoder.blocks.{i}.attn.rel_pos_h").shape for i in blocks]
+    global_blocks = [i for i, shape in zip(blocks, tables) if shape[0] == 2 * grid - 1]
+    windows = {(shape[0] + 1) // 2 for i, shape in zip(blocks, tables) if i not in global_blocks}
+    layers = {k.split(".")[3] for k in state if k.startswith("mask_decoder.transformer.layers.")}
+    return SamArchitecture(
+        image_size=grid * patch_size,
+        patch_size=patch_size,
+        encoder_embed_dim=embed_dim,
+        encoder_depth=len(blocks),
+        encoder_num_heads=embed_dim // tables[0][1],
+        encoder_global_attn_indexes=global_blocks,
+        encoder_window_size=windows.pop() if windows else 14,
+        prompt_embed_dim=get("prompt_encoder.no_mask_embed.weight").shape[1],
+        decoder_depth=len(layers),
+        decoder_mlp_dim=get("mask_decoder.transformer.layers.0.mlp.lin1.weight").shape[0],
+        decoder_num_heads=decoder_num_heads,
+        mask_in_chans=get("prompt_encoder.mask_downscaling.3.weight").shape[0],
+    )

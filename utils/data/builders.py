@@ -257,6 +257,9 @@ def eval_records(config, spec: str, with_proposals: bool = True) -> list:
     return records
 
 
-def build_eval_dataset(config, encoder: SampleEncoder, spec: str) -> EvaluationDataset:
-    """The evaluation dataset named by ``spec``, encoding records for the model."""
-    return EvaluationDataset(eval_records(config, spec), encoder)
+def build_eval_dataset(
+    config, encoder: SampleEncoder, spec: str, with_proposals: bool = True
+) -> EvaluationDataset:
+    """The evaluation dataset named by ``spec``, encoding records for the model
+    (``with_proposals=False``: no proposal store is read, for a model with the SAM head only)."""
+    return EvaluationDataset(eval_records(config, spec, with_proposals), encoder)
