@@ -105,6 +105,11 @@ class LLMSegConfig:
         metadata={"help": "train the SAM head's image encoder too (frozen in LISA; for tiny "
                   "random SAMs such as the demo's)"},
     )  # fmt: skip
+    sam_embedding_cache: int = field(
+        default=0,
+        metadata={"help": "SAM head: image embeddings kept in memory across steps and epochs "
+                  "(a frozen encoder's pass is reused; ViT-H: 4 MB each); 0: none"},
+    )  # fmt: skip
     bce_loss_weight: float = field(default=2.0, metadata={"help": "SAM head: mask BCE weight"})
     dice_loss_weight: float = field(default=0.5, metadata={"help": "SAM head: mask Dice weight"})
     mask_encoder: str = field(
@@ -224,7 +229,8 @@ def build_llm_seg(
     if config.mask_head != "proposals":
         if not config.sam_checkpoint:
             raise ValueError(f"--mask_head {config.mask_head} needs --sam_checkpoint")
-        sam_head = SamMaskHead(load_sam(config.sam_checkpoint, config.sam_model_type)).to(dtype)
+        sam = load_sam(config.sam_checkpoint, config.sam_model_type)
+        sam_head = SamMaskHead(sam, config.sam_embedding_cache).to(dtype)
     model = LLMSegModel(
         backbone,
         dino,

@@ -394,8 +394,9 @@ class LLMSegModel(nn.Module):
             if batch.sam_pixels is None:
                 raise ValueError("the SAM head needs batch.sam_pixels (build the encoder for it)")
             sam_logits = self.sam_head(
-                batch.sam_pixels, seg_embeddings, batch.sam_resized_hw, batch.image_sizes
-            )
+                batch.sam_pixels, seg_embeddings, batch.sam_resized_hw, batch.image_sizes,
+                batch.image_keys,
+            )  # fmt: skip
 
         config = self.loss_config
         ce = None if batch.labels is None else language_model_loss(llava.logits, batch.labels)

@@ -85,6 +85,7 @@ class LLMSegBatch:
         image_sizes: per image, its original ``(H, W)`` (where SAM's masks are compared).
         target_masks: per image ``(R_i, H_i, W_i)`` uint8 {0, 1} ground truth of its ``[SEG]``
             rows (ignore pixels count as background, as in LISA); ``None`` without targets.
+        image_keys: per image, its file (the SAM head's embedding cache key).
     """
 
     input_ids: torch.Tensor
@@ -101,6 +102,7 @@ class LLMSegBatch:
     sam_resized_hw: list[tuple[int, int]] | None = None
     image_sizes: list[tuple[int, int]] | None = None
     target_masks: list[torch.Tensor] | None = None
+    image_keys: list[str] | None = None
 
     @property
     def num_images(self) -> int:

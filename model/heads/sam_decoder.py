@@ -18,10 +18,39 @@ compares those original-size logits with the ground truth, as LISA does.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
+
+
+class EmbeddingCache:
+    """A least-recently-used store of SAM image embeddings, kept on the CPU.
+
+    ``capacity`` entries (0: off); a ViT-H embedding is 4 MB in fp32, so 256 entries take 1 GB.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        embedding = self.entries.get(key)
+        if embedding is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return embedding
+
+    def put(self, key: str, embedding: torch.Tensor) -> None:
+        self.entries[key] = embedding.detach().cpu()
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
 
 
 class SamMaskHead(nn.Module):
@@ -30,15 +59,17 @@ class SamMaskHead(nn.Module):
     Args:
         sam: a ``segment_anything`` SAM at any size (``model.backbones.sam.load_sam``); its
             prompt width must equal the ``[SEG]`` text projection's output width.
+        cache_size: image embeddings kept in memory (:class:`EmbeddingCache`; 0: none).
     """
 
-    def __init__(self, sam: Sam) -> None:
+    def __init__(self, sam: Sam, cache_size: int = 0) -> None:
         super().__init__()
         self.image_encoder = sam.image_encoder
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
         self.image_encoder.requires_grad_(False)
         self.prompt_encoder.requires_grad_(False)
+        self.cache = EmbeddingCache(cache_size)
 
     @property
     def image_size(self) -> int:
@@ -56,13 +87,30 @@ class SamMaskHead(nn.Module):
         self.prompt_encoder.eval()
         return self
 
-    def embed_images(self, sam_pixels: torch.Tensor) -> torch.Tensor:
+    def embed_images(self, sam_pixels: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
         """``(I, 3, S, S)`` preprocessed images -> ``(I, C, g, g)`` image embeddings (without
-        gradients unless the encoder was made trainable, ``--train_sam_encoder``)."""
+        gradients unless the encoder was made trainable, ``--train_sam_encoder``).
+
+        With ``keys`` (one per image, e.g. its path) and a frozen encoder, embeddings come from
+        and go to :attr:`cache`: the frozen encoder pass of an image serves every later epoch.
+        """
         parameters = list(self.image_encoder.parameters())
         trainable = any(p.requires_grad for p in parameters)
-        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-            return self.image_encoder(sam_pixels.to(parameters[0].dtype))
+        if trainable or keys is None or not self.cache.capacity:
+            with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+                return self.image_encoder(sam_pixels.to(parameters[0].dtype))
+        found = [self.cache.get(key) for key in keys]
+        missing = [i for i, embedding in enumerate(found) if embedding is None]
+        if missing:
+            index = torch.tensor(missing, device=sam_pixels.device)
+            with torch.no_grad():
+                fresh = self.image_encoder(
+                    sam_pixels.index_select(0, index).to(parameters[0].dtype)
+                )
+            for i, embedding in zip(missing, fresh):
+                found[i] = embedding
+                self.cache.put(keys[i], embedding)
+        return torch.stack([e.to(device=sam_pixels.device) for e in found])
 
     def decode(self, image_embedding: torch.Tensor, seg_embeddings: torch.Tensor) -> torch.Tensor:
         """Low-resolution mask logits for ``R`` prompts on one image.
@@ -107,6 +155,7 @@ class SamMaskHead(nn.Module):
         seg_embeddings: list[torch.Tensor],
         resized_hw: list[tuple[int, int]],
         original_hw: list[tuple[int, int]],
+        image_keys: list[str] | None = None,
     ) -> list[torch.Tensor]:
         """Mask logits for every image's ``[SEG]`` embeddings (images without any are skipped:
         empty ``(0, H, W)``).
@@ -115,10 +164,12 @@ class SamMaskHead(nn.Module):
             sam_pixels: ``(I, 3, S, S)``.
             seg_embeddings: ``I`` tensors ``(R_i, C)``.
             resized_hw, original_hw: per image, its size inside SAM's input and its own size.
+            image_keys: per image, a name for the embedding cache (``None``: no caching).
         Returns:
             ``I`` tensors ``(R_i, H_i, W_i)`` fp32 logits.
         """
         needed = [i for i, segs in enumerate(seg_embeddings) if len(segs)]
+        keys = None if image_keys is None else [image_keys[i] for i in needed]
         logits = [
             sam_pixels.new_zeros((0, *original_hw[i]), dtype=torch.float32)
             for i in range(len(seg_embeddings))
@@ -126,7 +177,7 @@ class SamMaskHead(nn.Module):
         if not needed:
             return logits
         index = torch.tensor(needed, device=sam_pixels.device)
-        embeddings = self.embed_images(sam_pixels.index_select(0, index))
+        embeddings = self.embed_images(sam_pixels.index_select(0, index), keys)
         for embedding, i in zip(embeddings, needed):
             low_res = self.decode(embedding, seg_embeddings[i])
             logits[i] = self.postprocess(low_res, resized_hw[i], original_hw[i])

@@ -398,6 +398,7 @@ def collate_sam_inputs(samples: list[EncodedSample]) -> dict:
         "sam_resized_hw": [tuple(s.sam_resized_hw) for s in samples],
         "image_sizes": [tuple(s.masks.shape[1:]) for s in samples],
         "target_masks": [(s.masks == 1).to(torch.uint8) for s in samples],
+        "image_keys": [str(s.record.image_path) for s in samples],
     }
 
 

@@ -213,3 +213,20 @@ def test_train_sam_encoder_option(tiny_checkpoints, scene):
     assert all(g is not None for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
     assert all(p.grad is None for p in model.sam_head.prompt_encoder.parameters())
+
+
+def test_embedding_cache_returns_what_a_fresh_pass_gives(tiny_checkpoints):
+    head = SamMaskHead(load_sam(tiny_checkpoints.sam), cache_size=2)
+    pixels = torch.randn(3, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    fresh = head.embed_images(pixels)  # no keys: no caching
+    assert head.cache.entries == {}
+    first = head.embed_images(pixels[:2], ["a", "b"])
+    again = head.embed_images(pixels[:2], ["a", "b"])
+    assert (head.cache.misses, head.cache.hits) == (2, 2)
+    assert torch.equal(first, fresh[:2])
+    assert torch.equal(again, fresh[:2])  # exactly the fresh encoder pass
+    head.embed_images(pixels[2:], ["c"])  # least recently used ("a") leaves
+    assert list(head.cache.entries) == ["b", "c"]
+    head.image_encoder.requires_grad_(True)  # a trained encoder changes: never cached
+    head.embed_images(pixels[:1], ["d"])
+    assert "d" not in head.cache.entries
