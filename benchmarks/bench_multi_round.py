@@ -32,7 +32,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.builder import build_llm_seg, tiny_llm_seg_config  # noqa: E402
-from model.export import ExportManifest, describe_model, load_exported, save_export  # noqa: E402
+from model.export import load_exported, save_export  # noqa: E402
+from model.export_manifest import ExportManifest, describe_model
 from model.inference import InferenceSettings, Segmenter, StoreProposals  # noqa: E402
 from model.multi_round_inference import MultiRoundSession  # noqa: E402
 from model.tiny import TinySizes, write_tiny_checkpoints  # noqa: E402

@@ -243,7 +243,7 @@ def build_llm_seg(
         sam_head=sam_head,
         mask_head=config.mask_head,
     )
-    for part in (model.text_projection, scorer, mask_encoder):
+    for part in (model.text_projection, scorer, mask_encoder, model.sam_prompt_groups):
         if part is not None:
             part.to(dtype)
     heads = [
@@ -324,6 +324,8 @@ def setup_trainable(model: LLMSegModel, config: LLMSegConfig) -> LLMSegModel:
         model.mask_encoder.requires_grad_(True)
     if model.sam_head is not None:  # LISA: SAM's encoders stay frozen, its decoder trains
         model.sam_head.mask_decoder.requires_grad_(True)
+        if model.sam_prompt_groups is not None:
+            model.sam_prompt_groups.requires_grad_(True)
         model.sam_head.image_encoder.requires_grad_(config.train_sam_encoder)
     model.set_gradient_checkpointing(config.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

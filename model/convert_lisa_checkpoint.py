@@ -48,13 +48,8 @@ from model.backbones.llava_checkpoint import read_llava_config
 from model.backbones.sam import build_sam, infer_sam_architecture, save_sam
 from model.builder import LLMSegConfig
 from model.convert_llmseg_checkpoint import MappedCheckpoint, _compare, _language_model
-from model.export import (
-    ExportManifest,
-    ExportPreprocessing,
-    describe_model,
-    load_vision_tower,
-    save_export,
-)
+from model.export import load_vision_tower, save_export
+from model.export_manifest import ExportManifest, ExportPreprocessing, describe_model
 from model.heads.sam_decoder import SamMaskHead
 from model.llm_seg import LLMSegModel
 from utils.checkpoint import CheckpointError, load_state_dict, load_state_dict_strict

@@ -71,13 +71,12 @@ from model.backbones.features import DinoFeatureExtractor
 from model.backbones.llava import LlavaBackbone, build_projector
 from model.backbones.llava_checkpoint import llama_config_from_llava, read_llava_config
 from model.builder import LLMSegConfig
-from model.export import (
+from model.export import load_vision_tower, save_export
+from model.export_manifest import (
     ExportManifest,
     ExportPreprocessing,
     ExportSelection,
     describe_model,
-    load_vision_tower,
-    save_export,
 )
 from model.heads.proposal_scorer import ProposalScorer, ProposalScorerConfig
 from model.llm_seg import LLMSegModel

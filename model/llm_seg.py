@@ -163,6 +163,15 @@ class LLMSegModel(nn.Module):
         self.ref_dropout = ref_dropout
         self.sam_head = sam_head
         self.mask_head = mask_head
+        # SegLLM with the SAM head: [SEG] gives two prompts, one re-detecting the referenced
+        # object (an auxiliary loss) and one for the target. Both start as the [SEG] embedding.
+        self.sam_prompt_groups = None
+        if sam_head is not None and mask_encoder is not None:
+            dim = sam_head.prompt_dim
+            self.sam_prompt_groups = nn.Linear(dim, 2 * dim)
+            with torch.no_grad():
+                self.sam_prompt_groups.weight.copy_(torch.cat([torch.eye(dim), torch.eye(dim)]))
+                self.sam_prompt_groups.bias.zero_()
 
     @property
     def sam_image_size(self) -> int:
@@ -389,14 +398,19 @@ class LLMSegModel(nn.Module):
             scores, ref_scores = self.score_proposals(
                 batch, seg_embeddings, ref_embeddings, assignments
             )
-        sam_logits = None
+        sam_logits = ref_masks = None
         if self.sam_head is not None:
             if batch.sam_pixels is None:
                 raise ValueError("the SAM head needs batch.sam_pixels (build the encoder for it)")
-            sam_logits = self.sam_head(
-                batch.sam_pixels, seg_embeddings, batch.sam_resized_hw, batch.image_sizes,
+            prompts, ref_masks = self._sam_prompts(batch, seg_embeddings, assignments)
+            logits = self.sam_head(
+                batch.sam_pixels, prompts, batch.sam_resized_hw, batch.image_sizes,
                 batch.image_keys,
             )  # fmt: skip
+            sam_logits = [lg[: len(segs)] for lg, segs in zip(logits, seg_embeddings)]
+            ref_masks = [
+                (lg[len(segs) :], rows) for lg, segs, rows in zip(logits, seg_embeddings, ref_masks)
+            ]
 
         config = self.loss_config
         ce = None if batch.labels is None else language_model_loss(llava.logits, batch.labels)
@@ -407,6 +421,13 @@ class LLMSegModel(nn.Module):
                 ref = self.reference_loss(batch, ref_scores)
         if sam_logits is not None and batch.target_masks is not None:
             bce, dice = self.mask_losses(sam_logits, batch.target_masks)
+            if self.sam_prompt_groups is not None and any(len(r) for _, r in ref_masks):
+                ref_bce, ref_dice = self.mask_losses(
+                    [lg for lg, _ in ref_masks],
+                    [t[rows] for (_, rows), t in zip(ref_masks, batch.target_masks)],
+                )
+                sam_ref = config.bce_weight * ref_bce + config.dice_weight * ref_dice
+                ref = sam_ref if ref is None else ref + sam_ref
         terms = [
             (weight, value)
             for weight, value in (
@@ -435,6 +456,36 @@ class LLMSegModel(nn.Module):
             bce_loss=bce,
             dice_loss=dice,
         )
+
+    def _sam_prompts(self, batch, seg_embeddings, assignments):
+        """Per image, the SAM head's prompts: the ``[SEG]`` embeddings, or with SegLLM's two
+        groups the target prompts followed by the reference prompts of the rounds that refer to
+        something; and per image the ground-truth rows those reference prompts must re-detect
+        (the first reference of each such round)."""
+        empty = torch.zeros(0, dtype=torch.long)
+        if self.sam_prompt_groups is None:
+            return seg_embeddings, [empty] * len(seg_embeddings)
+        prompts, target_rows = [], []
+        references = batch.references
+        for i, segs in enumerate(seg_embeddings):
+            groups = self.sam_prompt_groups(segs.to(self.sam_prompt_groups.weight.dtype))
+            reference, target = groups.chunk(2, dim=-1)
+            rows = empty.to(segs.device)
+            usable = references is not None and references.rows is not None
+            if assignments is not None and usable and len(segs):
+                owns = assignments[i]
+                has = owns.any(dim=1)
+                mask_rows = references.rows[references.image_index == i].to(segs.device)
+                if has.any() and len(mask_rows):
+                    rows = mask_rows[owns.float().argmax(dim=1)[has]]
+                    reference = reference[has]
+                else:
+                    reference = reference[:0]
+            else:
+                reference = reference[:0]
+            prompts.append(torch.cat([target, reference]))
+            target_rows.append(rows)
+        return prompts, target_rows
 
     @staticmethod
     def mask_losses(

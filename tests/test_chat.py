@@ -16,7 +16,8 @@ from transformers import LogitsProcessor
 import chat
 import eval as eval_script
 from model.builder import LLMSegConfig, build_llm_seg, setup_trainable, tiny_llm_seg_config
-from model.export import ExportManifest, describe_model, save_export
+from model.export import save_export
+from model.export_manifest import ExportManifest, describe_model
 from model.inference import NO_SEG_NOTE, build_question
 from tests.data_fixtures import write_reason_seg
 from utils.data.builders import build_encoder, build_eval_dataset

@@ -31,6 +31,8 @@ class ReferenceInputs:
             target of the reference-selection loss; ``None`` without targets.
         crop_pixels: ``(N, 3, S, S)`` CLIP inputs of each masked crop (the ``crop_cls`` mask
             encoder's view); ``None`` for the ``pooled`` encoder.
+        rows: ``(N,)`` long: the ``[SEG]`` row (within its image) whose ground truth each
+            reference is, for the SAM head's reference-mask loss; ``None`` without targets.
     """
 
     clip_maps: torch.Tensor
@@ -39,6 +41,7 @@ class ReferenceInputs:
     image_index: torch.Tensor
     ious: list[torch.Tensor] | None = None
     crop_pixels: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     @property
     def count(self) -> int:

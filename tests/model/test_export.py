@@ -22,14 +22,8 @@ import torch
 import eval as eval_script
 import training
 from model.builder import LLMSegConfig, build_llm_seg, setup_trainable, tiny_llm_seg_config
-from model.export import (
-    MANIFEST,
-    ExportConfig,
-    export_training_run,
-    load_exported,
-    main,
-    read_manifest,
-)
+from model.export import ExportConfig, export_training_run, load_exported, main
+from model.export_manifest import MANIFEST, read_manifest
 from tests.data_fixtures import write_reason_seg
 from tests.model.batches import BatchSpec, make_batch
 from utils.checkpoint import CheckpointError

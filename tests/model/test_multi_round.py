@@ -18,7 +18,8 @@ from PIL import Image
 
 from model.builder import build_llm_seg, setup_trainable, tiny_llm_seg_config
 from model.evaluation import SelectionSettings, evaluate
-from model.export import ExportManifest, describe_model, load_exported, save_export
+from model.export import load_exported, save_export
+from model.export_manifest import ExportManifest, describe_model
 from tests.utils.data.loader_fixtures import write_store
 from utils.data.builders import build_encoder
 from utils.data.images import masked_crop
@@ -398,3 +399,43 @@ def test_crop_cls_encoder_trains_and_exports(scene, tiny_checkpoints, tmp_path):
     loaded = load_exported(tmp_path / "e")
     got = loaded.model.score(batch)
     torch.testing.assert_close(got.similarities[0], expected.similarities[0], atol=1e-5, rtol=1e-4)
+
+
+def test_sam_head_decodes_reference_and_target_groups(scene, tiny_checkpoints, tmp_path):
+    """SegLLM with the SAM head: [SEG] -> a target prompt and a reference prompt; the latter
+    re-detects the referenced mask (an auxiliary loss) only in rounds with references."""
+    torch.manual_seed(6)
+    config = tiny_llm_seg_config(
+        tiny_checkpoints, mask_encoder="pooled", mask_head="both", ref_dropout=0.0,
+        sam_checkpoint=str(tiny_checkpoints.sam),
+    )  # fmt: skip
+    model, tokenizer = build_llm_seg(config)
+    setup_trainable(model, config)
+    groups = model.sam_prompt_groups.weight
+    assert torch.equal(groups, torch.cat([torch.eye(32), torch.eye(32)]))  # both start as [SEG]
+    encoder = build_encoder(_settings(config), tokenizer, 16, model.sam_image_size)
+    batch = collate([encoder(record(scene, THREE_ROUNDS, ["red", "left", "below"]))], 0)[0]
+    assert batch.references.rows.tolist() == [0, 0, 1]
+    prompts, rows = model._sam_prompts(batch, [torch.randn(3, 32)], model.round_references(batch))
+    assert prompts[0].shape == (3 + 2, 32)  # three targets, two rounds with references
+    assert rows[0].tolist() == [0, 0]  # round 2 re-detects round 1; round 3 its first reference
+    model.train()
+    with_refs = model(batch)
+    assert [tuple(t.shape) for t in with_refs.sam_logits] == [(3, 20, 30)]
+    with_refs.loss.backward()
+    assert model.sam_prompt_groups.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    single = collate([encoder(record(scene, [THREE_ROUNDS[0]], ["red"]))], 0)[0]
+    assert model(single).ref_loss is None  # no reference, no auxiliary loss
+    model.eval()
+    expected = model.score(batch).sam_logits[0]
+    save_export(
+        model,
+        tokenizer,
+        ExportManifest("merged", config, describe_model(model, tokenizer)),
+        tmp_path / "e",
+    )
+    loaded = load_exported(tmp_path / "e")
+    torch.testing.assert_close(
+        loaded.model.score(batch).sam_logits[0], expected, atol=1e-5, rtol=1e-4
+    )

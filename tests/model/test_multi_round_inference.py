@@ -12,7 +12,8 @@ from PIL import Image
 
 import chat
 from model.builder import build_llm_seg, setup_trainable, tiny_llm_seg_config
-from model.export import ExportManifest, describe_model, load_exported, save_export
+from model.export import load_exported, save_export
+from model.export_manifest import ExportManifest, describe_model
 from model.inference import InferenceSettings, Segmenter, StoreProposals, build_question
 from model.multi_round_inference import MultiRoundSession, mask_box
 from tests.model.test_multi_round import _settings, record, write_scene

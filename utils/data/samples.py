@@ -426,4 +426,5 @@ def collate_references(samples: list[EncodedSample]) -> ReferenceInputs | None:
         ),
         image_index=torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts)),
         ious=ious,
+        rows=torch.cat([s.reference_rows for s in present]),
     )

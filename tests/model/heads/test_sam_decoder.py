@@ -12,7 +12,8 @@ import chat
 from model.backbones.sam import load_sam
 from model.builder import build_llm_seg, setup_trainable, tiny_llm_seg_config
 from model.evaluation import SelectionSettings, combine_heads, evaluate
-from model.export import ExportManifest, describe_model, load_exported, save_export
+from model.export import load_exported, save_export
+from model.export_manifest import ExportManifest, describe_model
 from model.heads.losses import dice_loss, sigmoid_bce_loss
 from model.heads.sam_decoder import SamMaskHead
 from model.inference import build_question
