@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.data.conversation import conversation_format
+from utils.data.conversation_split import load_conversation_split
 from utils.data.images import clip_image_processor
 from utils.data.llmseg40k import LLMSeg40KSource, llmseg40k_eval_record, load_llmseg40k_split
 from utils.data.mixing import EvaluationDataset, MixedTrainingDataset, parse_mixture
@@ -183,6 +184,13 @@ def _mrseg_eval(config, parts: list[str], with_proposals: bool):
     return load_mrseg(config.dataset_dir, parts[1], masks_dir, strict=True)
 
 
+def _conversation_eval(config, parts: list[str], with_proposals: bool):
+    """``ReasonSegMR|val``: the conversations kept in a ReasonSeg-format split's jsons."""
+    split = parts[1] if len(parts) > 1 and parts[1] else "val"
+    masks_dir = config.sam_masks_dir if with_proposals else None
+    return load_conversation_split(config.dataset_dir, masks_dir, split)
+
+
 def _llmseg40k_train(config) -> LLMSeg40KSource:
     split = config.llmseg40k_data.partition("|")[2] or "train"
     questions = load_llmseg40k_split(
@@ -227,6 +235,7 @@ EVAL_SETS: dict[str, Callable] = {
     "llmseg40k": _llmseg40k_eval,
     "llm-seg40k": _llmseg40k_eval,
     "mrseg": _mrseg_eval,
+    "reasonsegmr": _conversation_eval,
 }
 
 

@@ -1,8 +1,10 @@
 """The ``multi_round`` training family: SegLLM-style conversations whose later rounds refer to
 earlier ones (``[REF:k]`` markers, :mod:`utils.data.references`).
 
-Sources are MRSeg conversation files (:mod:`utils.data.mrseg`), named by ``--multi_round_data``
-(``"mr_refcoco||mr_refcoco+||mr_refcocog"``, stems under ``<dataset_dir>/mrseg/``). A training
+Sources are named by ``--multi_round_data``: MRSeg conversation files (:mod:`utils.data.mrseg`;
+``"mr_refcoco||mr_refcoco+||mr_refcocog"``, stems under ``<dataset_dir>/mrseg/``) and
+conversations kept in ReasonSeg-format jsons (:mod:`utils.data.conversation_split`;
+``"ReasonSeg|train"``, the synthetic demo's). A training
 sample is one conversation of a uniformly chosen file, cut to its first ``--max_rounds`` rounds
 (SegLLM's ``--limit_rounds``, 6): a reference only ever names an earlier round, so a cut never
 leaves one dangling. Proposals come from the existing stores (``coco2014`` for refCOCO images).
@@ -16,6 +18,7 @@ import random
 
 import numpy as np
 
+from utils.data.conversation_split import load_conversation_split
 from utils.data.mrseg import load_mrseg
 from utils.data.samples import SegmentationRecord
 
@@ -67,5 +70,9 @@ def load_multi_round_train(
     images or proposals are skipped and counted, as for every training family."""
     files = {}
     for name in (n.strip() for n in names.split("||") if n.strip()):
-        files[name] = load_mrseg(dataset_dir, name, sam_masks_dir, strict=False)
+        if name.lower().startswith("reasonseg|"):
+            split = name.split("|", 1)[1] or "train"
+            files[name] = load_conversation_split(dataset_dir, sam_masks_dir, split)
+        else:
+            files[name] = load_mrseg(dataset_dir, name, sam_masks_dir, strict=False)
     return MultiRoundSource(files, max_rounds)
