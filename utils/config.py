@@ -30,6 +30,37 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+class BooleanFlag(argparse.Action):
+    """A boolean flag whose every spelling means what it says.
+
+    ``--x`` / ``--x=true`` set it, ``--no-x`` / ``--no_x`` / ``--x=false`` clear it; the spelling
+    of the field itself always sets it, so a field named ``no_eval`` is set by ``--no-eval``
+    (argparse's ``BooleanOptionalAction`` reads any ``--no-`` spelling as a negation, turning
+    ``--no-eval`` into "evaluate"). A value other than true/false words is a usage error.
+    """
+
+    def __init__(self, option_strings, dest, negative=(), **kwargs):
+        self.negative = set(negative)
+        super().__init__(option_strings, dest, nargs="?", metavar="true|false", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None or str(values).lower() in TRUE_WORDS:
+            value = True
+        elif str(values).lower() in FALSE_WORDS:
+            value = False
+        else:
+            parser.error(f"{option_string}: expected true or false, got {values!r}")
+        if option_string in self.negative:
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            value = False
+        setattr(namespace, self.dest, value)
+
+
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser, config_cls: type, aliases: dict[str, list[str]] | None = None
 ) -> None:
@@ -61,9 +92,13 @@ def add_dataclass_arguments(
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if kind is bool:
+            negative = [f"--no-{flag[2:]}" for flag in flags] + [
+                f"--no_{flag[2:]}" for flag in flags
+            ]
             parser.add_argument(
-                *flags, action=argparse.BooleanOptionalAction, help=help_text or " ", **kwargs
-            )
+                *flags, *dict.fromkeys(negative), action=BooleanFlag, negative=negative,
+                help=help_text or " ", **kwargs,
+            )  # fmt: skip
         elif kind in (int, float, str):
             parser.add_argument(
                 *flags,

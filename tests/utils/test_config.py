@@ -55,3 +55,28 @@ def test_load_rejects_unknown_fields(tmp_path):
     path.write_text(json.dumps({"lr": 1.0, "typo_field": 2}))
     with pytest.raises(ValueError, match="typo_field"):
         load_config(_Config, path)
+
+
+def test_every_boolean_spelling_means_what_it_says():
+    @dataclasses.dataclass
+    class Flags:
+        no_eval: bool = False
+        auto_resume: bool = True
+
+    cases = {
+        ("--no-eval",): (True, True),  # the field's own spelling sets it (argparse: "evaluate")
+        ("--no_eval",): (True, True),
+        ("--no_eval=false",): (False, True),
+        ("--no-auto-resume",): (False, False),
+        ("--no_auto_resume",): (False, False),
+        ("--auto_resume=false",): (False, False),
+        ("--auto-resume", "no"): (False, False),
+        ("--auto_resume=yes",): (False, True),
+    }
+    for argv, (no_eval, auto_resume) in cases.items():
+        parsed = parse_config(Flags, list(argv))
+        assert (parsed.no_eval, parsed.auto_resume) == (no_eval, auto_resume), argv
+    for argv in (["--auto_resume=maybe"], ["--no-auto-resume=true"]):
+        with pytest.raises(SystemExit) as error:
+            parse_config(Flags, argv)
+        assert error.value.code == 2
