@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,13 +82,21 @@ def _query_masks(shapes_per_round: list[list[dict]], height: int, width: int) ->
     return np.stack([labelme_to_mask(shapes, height, width) for shapes in shapes_per_round])
 
 
-def _is_point_list(points) -> bool:
-    return isinstance(points, list) and all(
+def _polygon_problem(points) -> str | None:
+    """Why ``points`` is not a usable polygon, or ``None``: a list of at least 3 ``[x, y]``
+    pairs of finite numbers (NaN or inf would rasterise to a wrong target, silently)."""
+    if not isinstance(points, list) or not all(
         isinstance(point, list)
         and len(point) == 2
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)
         for point in points
-    )
+    ):
+        return "must be a list of [x, y] number pairs"
+    if len(points) < 3:
+        return f"has {len(points)} points; a polygon needs at least 3"
+    if not all(math.isfinite(v) for point in points for v in point):
+        return "holds a NaN or infinite coordinate"
+    return None
 
 
 def _parse_query(data: dict, where: str) -> ReasonSegQuery:
@@ -108,10 +117,9 @@ def _parse_query(data: dict, where: str) -> ReasonSegQuery:
     for index, shape in enumerate(shapes):
         if not isinstance(shape, dict) or "points" not in shape or "label" not in shape:
             raise DatasetFormatError(f"{where}: shapes[{index}] needs 'label' and 'points'")
-        if not _is_point_list(shape["points"]):
-            raise DatasetFormatError(
-                f"{where}: shapes[{index}].points must be a list of [x, y] number pairs"
-            )
+        problem = _polygon_problem(shape["points"])
+        if problem:
+            raise DatasetFormatError(f"{where}: shapes[{index}].points {problem}")
     if "is_sentence" not in data:
         raise DatasetFormatError(f"{where}: field 'is_sentence' is missing")
     return ReasonSegQuery(list(texts), bool(data["is_sentence"]), shapes)

@@ -216,3 +216,23 @@ def test_long_dialogues_are_cut_at_a_turn_boundary_and_reported(
     assert sampled["checked"] == 4
     assert sum(sampled.values()) == 8
     assert "(a sample of 15)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("points", "message"),
+    [
+        ([[1, 1], [5, float("nan")], [5, 5]], "holds a NaN or infinite coordinate"),
+        ([[1, 1], [5, float("inf")], [5, 5]], "holds a NaN or infinite coordinate"),
+        ([[1, 1], [5, 1]], "has 2 points; a polygon needs at least 3"),
+        ([], "has 0 points"),
+        ([[1, "a"], [2, 2], [3, 3]], r"must be a list of \[x, y\] number pairs"),
+    ],
+)
+def test_bad_polygons_are_format_errors_naming_file_and_shape(reason_seg, points, message):
+    dataset_dir, masks_dir, folder = reason_seg
+    path = folder / "img_001.json"
+    data = json.loads(path.read_text())
+    data["shapes"].append({"label": "ignore", "points": points})
+    path.write_text(json.dumps(data, allow_nan=True))
+    with pytest.raises(DatasetFormatError, match=r"img_001\.json: shapes\[1\]\.points " + message):
+        load_reason_seg_split(dataset_dir, masks_dir, "val")
