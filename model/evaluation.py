@@ -324,6 +324,8 @@ def evaluate(
         results["heads"] = {head: metrics[head].compute() for head in heads}
     results["selection"] = selection.strategy if heads[0] != "sam" else "logits > 0"
     results["iop_threshold"] = selection.threshold
+    if getattr(dataset, "skipped", None):
+        results["skipped_missing"] = list(dataset.skipped)
     rounds = _gather_union([str(r) for r in round_metrics.rounds])
     if rounds:
         round_metrics.all_reduce(max(int(r) for r in rounds))

@@ -67,6 +67,11 @@ class DataConfig:
         default=DEFAULT_MAX_ROUNDS,
         metadata={"help": "multi_round training: rounds kept per conversation (SegLLM's 6)"},
     )
+    skip_missing: bool = field(
+        default=False,
+        metadata={"help": "evaluation: score the images that have their annotation and list the "
+                  "unpaired files in metrics.json (default: stop, naming them)"},
+    )  # fmt: skip
     history: str = field(
         default="gt",
         metadata={"help": "what a [REF:k] reference reads: gt (the ground-truth mask), "
@@ -147,10 +152,12 @@ def _reason_seg_train(config) -> ReasonSegSource:
     return ReasonSegSource(items, config.num_classes_per_sample)
 
 
-def _reason_seg_eval(config, parts: list[str], with_proposals: bool):
+def _reason_seg_eval(config, parts: list[str], with_proposals: bool, skipped=None):
     split = parts[1] if len(parts) > 1 else "val"
     masks_dir = config.sam_masks_dir if with_proposals else None
-    items = load_reason_seg_split(config.dataset_dir, masks_dir, split)
+    items = load_reason_seg_split(
+        config.dataset_dir, masks_dir, split, getattr(config, "skip_missing", False), skipped
+    )
     return [reason_seg_eval_record(item) for item in items]
 
 
@@ -255,13 +262,17 @@ def build_train_dataset(config, encoder: SampleEncoder, length: int) -> MixedTra
     return MixedTrainingDataset(sources, encoder, length, seed=config.seed)
 
 
-def eval_records(config, spec: str, with_proposals: bool = True) -> list:
-    """The evaluation records named by ``spec`` (e.g. ``ReasonSeg|val``)."""
+def eval_records(config, spec: str, with_proposals: bool = True, skipped=None) -> list:
+    """The evaluation records named by ``spec`` (e.g. ``ReasonSeg|val``); files left out with
+    ``--skip_missing`` are appended to ``skipped`` (ReasonSeg)."""
     parts = spec.split("|")
     key = parts[0].lower()
     if key not in EVAL_SETS:
         raise ValueError(f"unknown --val_dataset {spec!r}; known sets: {sorted(EVAL_SETS)}")
-    records = EVAL_SETS[key](config, parts, with_proposals)
+    if key == "reasonseg":
+        records = _reason_seg_eval(config, parts, with_proposals, skipped)
+    else:
+        records = EVAL_SETS[key](config, parts, with_proposals)
     logger.info("evaluation set %s: %d images", spec, len(records))
     return records
 
@@ -271,4 +282,7 @@ def build_eval_dataset(
 ) -> EvaluationDataset:
     """The evaluation dataset named by ``spec``, encoding records for the model
     (``with_proposals=False``: no proposal store is read, for a model with the SAM head only)."""
-    return EvaluationDataset(eval_records(config, spec, with_proposals), encoder)
+    skipped: list[str] = []
+    dataset = EvaluationDataset(eval_records(config, spec, with_proposals, skipped), encoder)
+    dataset.skipped = skipped
+    return dataset

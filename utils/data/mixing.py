@@ -139,6 +139,7 @@ class EvaluationDataset(Dataset):
     def __init__(self, records: list[SegmentationRecord], encoder: SampleEncoder):
         self.records = records
         self.encoder = encoder
+        self.skipped: list[str] = []  # files left out with --skip_missing (listed in metrics)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -163,10 +163,28 @@ def _report_empty_targets(split: str, items: list[ReasonSegItem], total: int) ->
         )  # fmt: skip
 
 
-def load_reason_seg_split(dataset_dir: str | Path, sam_masks_dir: str | Path | None, splits: str):
+def _unpaired(folder: Path, images: list[Path]) -> list[Path]:
+    """Images without their json and jsons without their image (sorted)."""
+    stems = {p.stem for p in images}
+    jsons = {p.stem: p for p in folder.glob("*.json")}
+    lonely_images = [p for p in images if p.stem not in jsons]
+    lonely_jsons = [p for stem, p in jsons.items() if stem not in stems]
+    return sorted(lonely_images + lonely_jsons)
+
+
+def load_reason_seg_split(
+    dataset_dir: str | Path,
+    sam_masks_dir: str | Path | None,
+    splits: str,
+    skip_missing: bool = False,
+    skipped: list[str] | None = None,
+):
     """Parse every image of ``splits`` (e.g. ``train`` or ``train_val``) into items.
 
     ``sam_masks_dir=None`` skips the proposal stores (scoring saved predictions needs none).
+    An image without its json or a json without its image stops the run, listing them (a
+    dropped pair would silently leave the scores' denominator), unless ``skip_missing``: then
+    they are left out, named in a warning and appended to ``skipped``.
     """
     items = []
     for split in splits.split("_"):
@@ -180,10 +198,23 @@ def load_reason_seg_split(dataset_dir: str | Path, sam_masks_dir: str | Path | N
         images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise FileNotFoundError(f"{folder}: no images")
+        unpaired = _unpaired(folder, images)
+        if unpaired:
+            shown = ", ".join(p.name for p in unpaired[:NUM_EXAMPLES])
+            shown += ", ..." if len(unpaired) > NUM_EXAMPLES else ""
+            if not skip_missing:
+                raise DatasetFormatError(
+                    f"{folder}: {len(unpaired)} images without their json or jsons without their "
+                    f"image ({shown}); --skip_missing scores the rest and lists them"
+                )
+            logger.warning("ReasonSeg|%s: leaving out %d unpaired files: %s",
+                           split, len(unpaired), shown)  # fmt: skip
+            if skipped is not None:
+                skipped.extend(str(p) for p in unpaired)
         for image_path in images:
             json_path = image_path.with_suffix(".json")
             if not json_path.is_file():
-                raise DatasetFormatError(f"{image_path}: no annotation {json_path.name} beside it")
+                continue
             query, extra_queries, other = parse_reason_seg_json(json_path)
             items.append(
                 ReasonSegItem(

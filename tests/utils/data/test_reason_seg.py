@@ -180,7 +180,7 @@ def test_malformed_json_names_the_file(dataset, tmp_path):
     with pytest.raises(DatasetFormatError, match=r"img_000\.json: field 'text'"):
         load_reason_seg_split(tmp_path, dataset[1], "val")
     (folder / "img_000.json").unlink()
-    with pytest.raises(DatasetFormatError, match=r"img_000\.jpg: no annotation img_000\.json"):
+    with pytest.raises(DatasetFormatError, match=r"1 images without their json .*\(img_000\.jpg\)"):
         load_reason_seg_split(tmp_path, dataset[1], "val")
 
 

@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from tests.utils.data.loader_fixtures import (
     write_refer,
     write_vqa,
 )
+from utils.data.builders import build_eval_dataset
 from utils.data.class_names import cocostuff_classes, cocostuff_lookup
 from utils.data.conversation import SequenceTooLong
 from utils.data.llmseg40k import load_llmseg40k_split
@@ -236,3 +238,18 @@ def test_bad_polygons_are_format_errors_naming_file_and_shape(reason_seg, points
     path.write_text(json.dumps(data, allow_nan=True))
     with pytest.raises(DatasetFormatError, match=r"img_001\.json: shapes\[1\]\.points " + message):
         load_reason_seg_split(dataset_dir, masks_dir, "val")
+
+
+def test_unpaired_files_stop_evaluation_unless_skipped_and_listed(reason_seg, tmp_path):
+    dataset_dir, masks_dir, folder = reason_seg
+    (folder / "img_001.jpg").unlink()  # a json without its image
+    with pytest.raises(DatasetFormatError, match=r"1 images without their json or jsons"):
+        load_reason_seg_split(dataset_dir, masks_dir, "val")
+    skipped: list[str] = []
+    items = load_reason_seg_split(dataset_dir, masks_dir, "val", True, skipped)
+    assert [i.image_path.name for i in items] == ["img_000.jpg"]
+    assert skipped == [str(folder / "img_001.json")]
+    config = SimpleNamespace(dataset_dir=dataset_dir, sam_masks_dir=masks_dir, skip_missing=True)
+    dataset = build_eval_dataset(config, encoder=None, spec="ReasonSeg|val")
+    assert dataset.skipped == [str(folder / "img_001.json")]
+    assert len(dataset) == 1
