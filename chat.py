@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from model.evaluation import overlay
+from model.evaluation import enlarge_small, overlay
 from model.export import load_exported
 from model.inference import (
     MODES,
@@ -260,7 +260,9 @@ def write_answer(
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_file, overlay_file = f"{item.name}_mask.png", f"{item.name}_overlay.png"
     _save_png(answer.mask.astype(np.uint8) * 255, out_dir / mask_file)
-    shown = overlay(image, answer.mask, (255, 0, 0))
+    # Small pictures enlarged as the evaluator's are; a cyan outline stays visible on red objects.
+    big, big_mask = enlarge_small(image, answer.mask)
+    shown = overlay(big, big_mask, (255, 0, 0), outline=(0, 255, 255))
     caption = f"Q: {item.query} | A: {answer.answer}"
     _save_png(_captioned(shown, caption), out_dir / overlay_file)
     round_masks = []

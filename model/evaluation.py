@@ -47,15 +47,34 @@ class SelectionSettings:
     top_k: int = 5
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-    """``image`` with ``mask`` blended in ``colour`` at 50% and outlined (RGB uint8, any size)."""
+def overlay(
+    image: np.ndarray,
+    mask: np.ndarray,
+    colour: tuple[int, int, int],
+    outline: tuple[int, int, int] | None = None,
+) -> np.ndarray:
+    """``image`` with ``mask`` blended in ``colour`` at 50% and outlined (RGB uint8, any size);
+    ``outline`` is the outline's colour (default: ``colour``)."""
     out = image.copy()
     region = mask.astype(bool)
     out[region] = (0.5 * out[region] + 0.5 * np.array(colour)).astype(np.uint8)
     # The outline keeps the mask readable where the object has the overlay's own colour.
     contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(out, contours, -1, colour, 1)
+    cv2.drawContours(out, contours, -1, outline or colour, 1)
     return out
+
+
+def enlarge_small(image: np.ndarray, *masks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``image`` (and ``masks``) enlarged by a whole factor, nearest neighbour, when the short
+    side is under :data:`MIN_PANEL_SIDE` (so captions stay legible and masks pixel-exact)."""
+    factor = -(-MIN_PANEL_SIDE // min(image.shape[:2]))  # ceil
+    if factor <= 1:
+        return (image, *masks)
+    size = (image.shape[1] * factor, image.shape[0] * factor)
+    return tuple(
+        cv2.resize(a.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        for a in (image, *masks)
+    )
 
 
 MIN_PANEL_SIDE = 256  # small pictures (the demo's 128 px scenes) are enlarged to this

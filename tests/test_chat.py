@@ -89,8 +89,12 @@ def test_batch_folder_writes_files_and_scores_like_eval(setup, tiny_checkpoints,
         expected = stored.get(f"{stem}.jpg").decode(chosen).any(axis=0) if chosen else 0 * mask
         np.testing.assert_array_equal(mask, expected)
         overlay = Image.open(out / record["overlay"])
-        assert overlay.width == 56  # the image width, with the answer band above it
-        assert overlay.height > 48
+        # 48 x 56 pictures are enlarged by 6 (short side >= 256) so the answer stays legible.
+        assert overlay.width == 56 * 6
+        assert overlay.height > 48 * 6
+        pixels = np.asarray(overlay.convert("RGB"))
+        if mask.any():  # the mask's outline is cyan, visible on a red object
+            assert ((pixels == (0, 255, 255)).all(axis=2)).any()
     assert json.loads((out / "chat_config.json").read_text())["mode"] == "teacher_forced"
 
     # The same numbers as eval.py's pipeline for img_000 (a sentence query: the same prompt).
