@@ -54,8 +54,8 @@ from model.inference import (
 )
 from model.multi_round_inference import MultiRoundSession, RoundResult
 from prepare_datasets.proposals.generator import GeneratorConfig, build_generator
-from utils.checkpoint import CheckpointError
-from utils.config import parse_config, save_config
+from utils.cli import run_cli
+from utils.config import save_config
 from utils.data.images import ImageReadError, load_rgb_image
 from utils.device import resolve_device, resolve_dtype
 from utils.logging_setup import setup_logging
@@ -510,7 +510,4 @@ def _main_multi_round(config: ChatConfig, segmenter: Segmenter | None):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_config(ChatConfig, sys.argv[1:]))
-    except (*INPUT_ERRORS, FileNotFoundError, CheckpointError, RuntimeError) as error:
-        sys.exit(f"chat.py: error: {error}")
+    run_cli(main, ChatConfig, extra_errors=(KeyError, RuntimeError))

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from model.builder import CONFIG_ALIASES, LLMSegConfig, build_llm_seg, setup_trainable
 from model.evaluation import SelectionSettings, evaluate, score_prediction_folder
 from model.export import load_exported
-from utils.config import parse_config, save_config
+from utils.cli import run_cli
+from utils.config import save_config
 from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, eval_records
 from utils.data.mrseg import load_mrseg, mrseg_report
 from utils.device import resolve_device, resolve_dtype
@@ -129,4 +129,4 @@ def main(config: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(EvalConfig, sys.argv[1:], aliases=CONFIG_ALIASES))
+    run_cli(main, EvalConfig, aliases=CONFIG_ALIASES)

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,7 +27,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from model.builder import CONFIG_ALIASES, LLMSegConfig, build_llm_seg, setup_trainable
 from model.evaluation import SelectionSettings, evaluate
-from utils.config import parse_config, save_config
+from utils.cli import run_cli
+from utils.config import save_config
 from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, build_train_dataset
 from utils.data.images import load_rgb_image
 from utils.data.mixing import ResumableSampler
@@ -301,4 +301,4 @@ def main(config: TrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(TrainConfig, sys.argv[1:], aliases=CONFIG_ALIASES))
+    run_cli(main, TrainConfig, aliases=CONFIG_ALIASES)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,10 +52,10 @@ from model.export_manifest import ExportManifest, ExportPreprocessing, describe_
 from model.heads.sam_decoder import SamMaskHead
 from model.llm_seg import LLMSegModel
 from utils.checkpoint import CheckpointError, load_state_dict, load_state_dict_strict
-from utils.config import parse_config, save_config
+from utils.cli import run_cli
+from utils.config import save_config
 from utils.device import PRECISIONS, resolve_dtype
 from utils.legacy_tokenizer import sentencepiece_file
-from utils.logging_setup import setup_logging
 from utils.tokenizer import IMAGE_TOKEN, SEG_TOKEN, add_llm_seg_tokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -224,5 +223,4 @@ def main(config: ConvertLisaConfig) -> dict:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(ConvertLisaConfig, sys.argv[1:]))
+    run_cli(main, ConvertLisaConfig)

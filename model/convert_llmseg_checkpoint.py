@@ -55,7 +55,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,10 +80,10 @@ from model.export_manifest import (
 from model.heads.proposal_scorer import ProposalScorer, ProposalScorerConfig
 from model.llm_seg import LLMSegModel
 from utils.checkpoint import CheckpointError, load_state_dict_strict, quiet_transformers
-from utils.config import parse_config, save_config
+from utils.cli import run_cli
+from utils.config import save_config
 from utils.device import PRECISIONS, resolve_dtype
 from utils.legacy_tokenizer import sentencepiece_file
-from utils.logging_setup import setup_logging
 from utils.run_checkpoints import read_training_weights
 from utils.tokenizer import (
     IMAGE_END_TOKEN,
@@ -437,5 +436,4 @@ def main(config: ConvertConfig) -> dict:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(ConvertConfig, sys.argv[1:]))
+    run_cli(main, ConvertConfig)

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,10 +69,10 @@ from utils.checkpoint import (
     quiet_transformers,
     save_state_dict,
 )
-from utils.config import config_to_dict, parse_config, save_config
+from utils.cli import run_cli
+from utils.config import config_to_dict, save_config
 from utils.device import PRECISIONS, attention_implementation, require_bitsandbytes, resolve_dtype
 from utils.legacy_tokenizer import SENTENCEPIECE_FILE, resolve_tokenization, sentencepiece_file
-from utils.logging_setup import setup_logging
 from utils.run_checkpoints import WEIGHT_SOURCES, best_record, load_trainable_weights
 from utils.tokenizer import IMAGE_TOKEN, REF_TOKEN, SEG_TOKEN, load_tokenizer
 
@@ -523,5 +522,4 @@ def main(config: ExportConfig) -> Path:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(ExportConfig, sys.argv[1:]))
+    run_cli(main, ExportConfig)

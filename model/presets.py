@@ -45,8 +45,8 @@ from pathlib import Path
 
 from model.builder import LLMSegConfig, tiny_llm_seg_config
 from model.tiny import TinyCheckpoints, TinySizes, write_tiny_checkpoints
-from utils.config import parse_config, save_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
+from utils.config import save_config
 from utils.tokenizer import DEFAULT_CORPUS, train_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -147,5 +147,4 @@ def main(config: DemoPresetConfig) -> list[str]:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(DemoPresetConfig))
+    run_cli(main, DemoPresetConfig)

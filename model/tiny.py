@@ -30,8 +30,8 @@ from transformers import (
 from model.backbones.llava import LlavaBackbone, build_projector
 from model.backbones.llava_checkpoint import save_clip_vision_tower, save_llava_original
 from model.backbones.sam import SamArchitecture, build_sam, save_sam
-from utils.config import parse_config, save_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
+from utils.config import save_config
 from utils.tokenizer import IMAGE_TOKEN, add_llm_seg_tokens, train_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -242,5 +242,4 @@ def main(config: TinyKitConfig) -> TinyCheckpoints:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(TinyKitConfig))
+    run_cli(main, TinyKitConfig)

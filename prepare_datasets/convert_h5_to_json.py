@@ -18,8 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.config import parse_config, save_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
+from utils.config import save_config
 from utils.proposal_store import H5_NAME, JSON_NAME, ImageProposals, ProposalReader
 
 logger = logging.getLogger(__name__)
@@ -106,5 +106,4 @@ def main(config: ConvertConfig) -> list[Path]:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(ConvertConfig))
+    run_cli(main, ConvertConfig)

@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.config import parse_config, save_config, write_json_atomic
+from utils.cli import run_cli
+from utils.config import save_config, write_json_atomic
 from utils.data.images import load_rgb_image
 from utils.data.reason_seg import load_reason_seg_split
-from utils.logging_setup import setup_logging
 from utils.masks import mask_iou_iop
 from utils.metrics import IGNORE_LABEL, resize_nearest
 from utils.proposal_store import top_k_indices
@@ -281,7 +281,11 @@ def main(config: DemoReportConfig) -> dict:
     return report
 
 
-if __name__ == "__main__":
-    setup_logging()
-    result = main(parse_config(DemoReportConfig))
+def _main_with_table(config: DemoReportConfig) -> dict:
+    result = main(config)
     sys.stdout.write(format_table(result) + "\n")  # the demo's closing summary, for the user
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(_main_with_table, DemoReportConfig)

@@ -17,8 +17,7 @@ from pathlib import Path
 from prepare_datasets.annotations import TargetImage, class_targets, items_by_name, read_label_map
 from prepare_datasets.proposals.runner import PrepareConfig, SplitJob, SplitSummary, run_prepare
 from utils.annotations import list_image_files
-from utils.config import parse_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
 
 
 @dataclass
@@ -59,5 +58,4 @@ def main(config: Ade20kPrepareConfig) -> list[SplitSummary]:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(Ade20kPrepareConfig))
+    run_cli(main, Ade20kPrepareConfig)

@@ -24,8 +24,7 @@ from prepare_datasets.proposals.runner import (
     run_prepare,
 )
 from utils.annotations import coco_images, list_image_files, load_json
-from utils.config import parse_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
 
 
 @dataclass
@@ -68,5 +67,4 @@ def main(config: Coco2017PrepareConfig) -> list[SplitSummary]:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(Coco2017PrepareConfig))
+    run_cli(main, Coco2017PrepareConfig)

@@ -28,8 +28,7 @@ from prepare_datasets.proposals.runner import (
     run_prepare,
 )
 from utils.annotations import list_image_files, load_json
-from utils.config import parse_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
 
 LLMSEG40K_SPLITS = ("train", "validation", "test")
 
@@ -83,5 +82,4 @@ def main(config: EgoObjectsPrepareConfig) -> list[SplitSummary]:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(EgoObjectsPrepareConfig))
+    run_cli(main, EgoObjectsPrepareConfig)

@@ -18,8 +18,7 @@ from pathlib import Path
 from prepare_datasets.annotations import TargetImage, class_targets, items_by_name, read_label_map
 from prepare_datasets.proposals.runner import PrepareConfig, SplitJob, SplitSummary, run_prepare
 from utils.annotations import list_image_files, load_json
-from utils.config import parse_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
 
 
 @dataclass
@@ -66,5 +65,4 @@ def main(config: MapillaryPrepareConfig) -> list[SplitSummary]:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(MapillaryPrepareConfig))
+    run_cli(main, MapillaryPrepareConfig)

@@ -16,8 +16,7 @@ from pathlib import Path
 from prepare_datasets.annotations import TargetImage, items_by_name
 from prepare_datasets.proposals.runner import PrepareConfig, SplitJob, SplitSummary, run_prepare
 from utils.annotations import list_image_files, load_json, oriented_size
-from utils.config import parse_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
 from utils.masks import labelme_to_mask
 
 
@@ -66,5 +65,4 @@ def main(config: ReasonSegPrepareConfig) -> list[SplitSummary]:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(ReasonSegPrepareConfig))
+    run_cli(main, ReasonSegPrepareConfig)

@@ -25,8 +25,7 @@ from prepare_datasets.proposals.runner import (
     run_prepare,
 )
 from utils.annotations import list_image_files, saiapr_key
-from utils.config import parse_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
 
 
 @dataclass
@@ -59,5 +58,4 @@ def main(config: RefClefPrepareConfig) -> list[SplitSummary]:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(RefClefPrepareConfig))
+    run_cli(main, RefClefPrepareConfig)

@@ -33,8 +33,7 @@ from utils.annotations import (
     load_json,
     load_refs_pickle,
 )
-from utils.config import parse_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
 
 SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc"}
 
@@ -125,5 +124,4 @@ def main(config: RefCocoPrepareConfig) -> list[SplitSummary]:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(RefCocoPrepareConfig))
+    run_cli(main, RefCocoPrepareConfig)

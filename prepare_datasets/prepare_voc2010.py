@@ -24,8 +24,7 @@ from prepare_datasets.proposals.runner import (
     run_prepare,
 )
 from utils.annotations import coco_images, list_image_files, load_json
-from utils.config import parse_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
 
 
 @dataclass
@@ -65,5 +64,4 @@ def main(config: Voc2010PrepareConfig) -> list[SplitSummary]:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(Voc2010PrepareConfig))
+    run_cli(main, Voc2010PrepareConfig)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from prepare_datasets.annotations import TargetImage
-from utils.config import build_parser, parse_config, save_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
+from utils.config import build_parser, save_config
 from utils.masks import binary_ground_truth, mask_iou_iop, resize_nearest
 from utils.proposal_store import PROPOSAL_ORDERS, ProposalReader, top_k_indices
 
@@ -228,5 +228,4 @@ def main(config: ReportConfig) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(ReportConfig))
+    run_cli(main, ReportConfig)
