@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,6 +37,7 @@ from utils.data.samples import collate_batch
 from utils.device import resolve_device, resolve_dtype
 from utils.distributed import (
     OptimizationSettings,
+    barrier,
     ensure_process_group_env,
     init_process_group,
     initialize_engine,
@@ -47,7 +49,9 @@ from utils.legacy_tokenizer import resolve_tokenization
 from utils.logging_setup import setup_logging
 from utils.run_checkpoints import (
     CHECKPOINT_DIR,
+    holds_saves,
     load_trainable_weights,
+    resumable_tag,
     resume_training_checkpoint,
     save_training_checkpoint,
 )
@@ -102,6 +106,11 @@ class TrainConfig(LLMSegConfig, DataConfig):
         default="", metadata={"help": "run or ckpt_model folder to resume / evaluate from"}
     )
     auto_resume: bool = field(default=True, metadata={"help": "resume from the run's last save"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "with --no_auto_resume: start afresh in a run folder that holds saves, "
+                  "deleting them"},
+    )  # fmt: skip
     init_weights: str = field(
         default="",
         metadata={"help": "start from the trainable weights of this run / ckpt_model / tag "
@@ -137,7 +146,32 @@ def _validate(config: TrainConfig, device: torch.device) -> None:
         raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     for name in ("epochs", "steps_per_epoch", "batch_size", "grad_accumulation_steps"):
         if getattr(config, name) < 1:
-            raise ValueError(f"--{name} must be at least 1")
+            raise ValueError(f"--{name} must be at least 1, got {getattr(config, name)}: --{name}")
+    if not config.lr > 0:
+        raise ValueError(f"--lr must be positive, got {config.lr}: --lr")
+
+
+def _resume_dir(config: TrainConfig) -> Path:
+    """The ``ckpt_model`` folder a resume reads: ``--resume``'s, else the run's own."""
+    if not config.resume:
+        return config.log_dir / CHECKPOINT_DIR
+    resume_dir = Path(config.resume)
+    return resume_dir / CHECKPOINT_DIR if (resume_dir / CHECKPOINT_DIR).is_dir() else resume_dir
+
+
+def _check_saves(config: TrainConfig) -> None:
+    """Stop before minutes of model building when the resume would fail or a fresh start would
+    delete earlier saves (see :func:`utils.run_checkpoints.resumable_tag`)."""
+    if config.eval_only:
+        return
+    if config.resume or config.auto_resume:
+        resumable_tag(_resume_dir(config))
+    elif holds_saves(config.log_dir / CHECKPOINT_DIR) and not config.overwrite:
+        raise FileExistsError(
+            f"{config.log_dir / CHECKPOINT_DIR}: holds saves that a fresh start would delete; "
+            "resume them (drop --no_auto_resume), give --overwrite, or pick another --exp_name: "
+            "--no_auto_resume"
+        )
 
 
 def run_evaluation(model, tokenizer, dataset, config, device, dtype, tag: str, writer=None):
@@ -171,6 +205,7 @@ def main(config: TrainConfig) -> dict:
     # Recorded resolved (auto -> llava_legacy / hf) so exports and resumes use the same one.
     config.tokenization = resolve_tokenization(config.tokenization, config.version)
     init_process_group(device)
+    _check_saves(config)
     seed_everything(config.seed)
     dtype = resolve_dtype(config.precision)
     log_dir = config.log_dir
@@ -215,15 +250,20 @@ def main(config: TrainConfig) -> dict:
     engine, _, scheduler = initialize_engine(model, settings, device)
     ckpt_dir = log_dir / CHECKPOINT_DIR
     state = None
+    # every rank looks before rank 0 may delete (a rank looking later would skip the barrier)
+    fresh_over_saves = not config.resume and not config.auto_resume and holds_saves(ckpt_dir)
+    barrier()
     if config.resume:
-        resume_dir = Path(config.resume)
-        if (resume_dir / CHECKPOINT_DIR).is_dir():
-            resume_dir = resume_dir / CHECKPOINT_DIR
-        state = resume_training_checkpoint(engine, resume_dir)
+        state = resume_training_checkpoint(engine, _resume_dir(config))
         if state is None:
             raise FileNotFoundError(f"--resume {config.resume}: no checkpoint to resume from")
     elif config.auto_resume:
         state = resume_training_checkpoint(engine, ckpt_dir)
+    elif fresh_over_saves:  # with --overwrite (checked at start-up)
+        if is_main_process():
+            logger.warning("--overwrite: deleting the earlier saves in %s", ckpt_dir)
+            shutil.rmtree(ckpt_dir)
+        barrier()
     global_step = state["global_step"] if state else 0
     samples_done = state["samples_consumed"] if state else 0
 

@@ -6,8 +6,11 @@ Layout of ``<log_dir>/ckpt_model`` (DeepSpeed's own format, so its tools keep wo
     latest                     the newest complete tag (written by DeepSpeed after the save)
     best.json                  {"tag": ..., "giou": ...}: the tag with the best validation gIoU
 
-A new tag is fully written before any old one is removed, and only tags that are neither the
-latest nor the best are removed, so a crash at any moment leaves a loadable checkpoint.
+A new tag is fully written, checked (every file complete, ``latest`` naming it) before any old one
+is removed, and only tags that are neither the latest nor the best are removed, so a crash at any
+moment leaves a loadable checkpoint. A resume verifies the save it is about to load (every file
+complete and pickling nothing but tensors and DeepSpeed's own classes) before DeepSpeed's loader,
+which unpickles everything, reads it; a broken or unsafe save stops the run and deletes nothing.
 Frozen weights (LLaMA base, CLIP, DINOv2) are not saved: they come from their own folders.
 
 :func:`read_training_weights` reads the trainable weights back from any ZeRO stage: from the module
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -32,32 +34,19 @@ from pathlib import Path
 import torch
 
 from utils.checkpoint import CheckpointError, load_state_dict, resolve_weight_files
-from utils.distributed import barrier, is_main_process
+from utils.deepspeed_files import (
+    _placeholders,
+    check_tag_dir,
+    consolidate_zero_weights,
+    load_deepspeed_file,
+    model_states_files,
+)
+from utils.distributed import barrier, is_main_process, world_size
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "ckpt_model"
-MODEL_STATES = "mp_rank_00_model_states.pt"
-# ZeRO-3 writes one model-states file per rank instead of MODEL_STATES.
-ZERO3_MODEL_STATES = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
-OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 WEIGHT_SOURCES = ("auto", "module", "fp32")
-
-
-def _rank_files(tag_dir: Path, pattern: re.Pattern) -> list[Path]:
-    """Files of ``tag_dir`` matching ``pattern`` (rank in group 1), in rank order."""
-    found = [(int(m.group(1)), p) for p in tag_dir.iterdir() if (m := pattern.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def model_states_files(tag_dir: Path) -> list[Path]:
-    """The module file(s) of one DeepSpeed tag: ``[mp_rank_00...]`` (ZeRO 0-2), or one per rank
-    (ZeRO-3); empty when ``tag_dir`` is not a DeepSpeed tag folder."""
-    if not tag_dir.is_dir():
-        return []
-    if (tag_dir / MODEL_STATES).is_file():
-        return [tag_dir / MODEL_STATES]
-    return _rank_files(tag_dir, ZERO3_MODEL_STATES)
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
@@ -91,6 +80,10 @@ def save_training_checkpoint(engine, ckpt_dir: Path, client_state: dict, giou: f
     )
     barrier()
     if is_main_process():
+        # prune nothing until the new save is complete and readable and `latest` names it
+        check_tag_dir(ckpt_dir / tag, world_size())
+        if (ckpt_dir / "latest").read_text().strip() != tag:
+            raise CheckpointError(f"{ckpt_dir / 'latest'}: does not name the new save {tag}")
         best = best_record(ckpt_dir)
         if giou is not None and (best is None or giou > best["giou"]):
             tmp = ckpt_dir / "best.json.tmp"
@@ -106,13 +99,56 @@ def save_training_checkpoint(engine, ckpt_dir: Path, client_state: dict, giou: f
     return tag
 
 
+def _way_out(ckpt_dir: Path) -> str:
+    return (
+        f"; resume another save with --resume <run, ckpt_model or global_step folder>, or move "
+        f"{ckpt_dir} away to start afresh (nothing was deleted)"
+    )
+
+
+def resumable_tag(ckpt_dir: Path) -> str | None:
+    """The tag a resume from ``ckpt_dir`` would load, verified (:func:`check_tag_dir`) before
+    DeepSpeed's loader, which unpickles everything, touches it.
+
+    Returns:
+        ``None`` when ``ckpt_dir`` holds no save at all (a fresh run).
+    Raises:
+        CheckpointError: saves exist but ``latest`` is missing, empty, garbled or dangling, or
+            the save it names is incomplete, truncated or unsafe; the message names the path
+            and the ways out. Nothing is deleted.
+    """
+    latest = ckpt_dir / "latest"
+    tags = sorted(p.name for p in ckpt_dir.glob("global_step*") if p.is_dir())
+    if not latest.exists():
+        if tags:
+            raise CheckpointError(
+                f"{ckpt_dir}: holds saves {tags} but no 'latest'" + _way_out(ckpt_dir)
+            )
+        return None
+    try:
+        tag = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{latest}: unreadable ({error})" + _way_out(ckpt_dir)) from error
+    if not re.fullmatch(r"[\w.\-]+", tag):
+        raise CheckpointError(f"{latest}: empty or garbled ({tag[:40]!r})" + _way_out(ckpt_dir))
+    if not (ckpt_dir / tag).is_dir():
+        raise CheckpointError(f"{latest}: names {tag}, which does not exist" + _way_out(ckpt_dir))
+    try:
+        check_tag_dir(ckpt_dir / tag, world_size())
+    except CheckpointError as error:
+        raise CheckpointError(str(error) + _way_out(ckpt_dir)) from error
+    return tag
+
+
 def resume_training_checkpoint(engine, ckpt_dir: Path) -> dict | None:
     """Restore model, optimizer, scheduler and counters from the latest tag, if there is one.
 
     Returns:
         The saved ``client_state`` (or ``None`` when there is nothing to resume).
+    Raises:
+        CheckpointError: see :func:`resumable_tag`.
     """
-    tag = latest_tag(ckpt_dir)
+    tag = resumable_tag(ckpt_dir)
     if tag is None:
         return None
     _, client_state = engine.load_checkpoint(
@@ -123,6 +159,11 @@ def resume_training_checkpoint(engine, ckpt_dir: Path) -> dict | None:
         raise CheckpointError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
     logger.info("resumed from %s (step %s)", ckpt_dir / tag, client_state.get("global_step"))
     return client_state
+
+
+def holds_saves(ckpt_dir: Path) -> bool:
+    """Whether ``ckpt_dir`` holds anything a fresh run would overwrite or prune."""
+    return (ckpt_dir / "latest").exists() or any(p.is_dir() for p in ckpt_dir.glob("global_step*"))
 
 
 def load_trainable_weights(
@@ -178,115 +219,6 @@ class TrainingWeights:
     path: Path
     kind: str
     client_state: dict = field(default_factory=dict)
-
-
-class _DeepSpeedObject:
-    """Inert stand-in for a DeepSpeed helper object pickled into a checkpoint (loss scaler,
-    fragment address, ...): it only records what it was built from, no DeepSpeed code runs."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state) -> None:
-        self.state = state
-
-
-def _enum_value(value):
-    """Stand-in for a DeepSpeed enum (``ZeroStageEnum(2)``): its plain value."""
-    return value
-
-
-def load_deepspeed_file(path: str | os.PathLike) -> dict:
-    """``torch.load(weights_only=True)`` of a DeepSpeed file, with inert stand-ins for the
-    ``deepspeed.*`` classes it pickles; any other non-tensor class is an error naming it."""
-    path = Path(path)
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    foreign = sorted(n for n in names if not n.startswith("deepspeed."))
-    if foreign:
-        raise CheckpointError(f"{path}: holds objects of {foreign}; refusing to unpickle them")
-    stand_ins = [
-        (_enum_value if n.rsplit(".", 1)[-1].endswith("Enum") else _DeepSpeedObject, n)
-        for n in names
-    ]
-    try:
-        with torch.serialization.safe_globals(stand_ins):
-            # mmap: a 7B checkpoint's tensors are paged in when used, not all read up front
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # the unpickler raises many types; all mean "unreadable"
-        raise CheckpointError(f"{path}: cannot be read safely ({error})") from error
-
-
-def _merge_zero12(osds: list[dict], param_shapes: list[dict]) -> dict[str, torch.Tensor]:
-    # ZeRO 1/2: per parameter group, each rank holds one contiguous slice of the flat fp32
-    # vector; parameters lie in it in param_shapes order, each followed by its alignment pad.
-    paddings = osds[0].get("param_alignment_paddings")
-    state = {}
-    for group, shapes in enumerate(param_shapes):
-        flat = torch.cat([osd["single_partition_of_fp32_groups"][group] for osd in osds])
-        offset = 0
-        for index, (name, shape) in enumerate(shapes.items()):
-            numel = math.prod(shape)
-            state[name] = flat.narrow(0, offset, numel).view(shape).clone()
-            offset += numel + (paddings[group][index] if paddings else 0)
-        if offset > flat.numel():
-            raise CheckpointError(
-                f"ZeRO group {group}: {offset} values needed, {flat.numel()} saved"
-            )
-    return state
-
-
-def _merge_zero3(osds: list[dict], param_shapes: list[dict]) -> dict[str, torch.Tensor]:
-    # ZeRO-3: every parameter is split into world_size equal (zero-padded) pieces, rank r holds
-    # piece r of each parameter, laid out one after another in its flat fp32 groups.
-    flats = [torch.cat(list(osd["fp32_flat_groups"])) for osd in osds]
-    world = len(flats)
-    state, offset = {}, 0
-    for shapes in param_shapes:
-        for name, shape in shapes.items():
-            numel = math.prod(shape)
-            piece = math.ceil(numel / world)
-            pieces = [flat.narrow(0, offset, piece) for flat in flats]
-            state[name] = torch.cat(pieces)[:numel].view(shape).clone()
-            offset += piece
-    if offset > flats[0].numel():
-        raise CheckpointError(f"ZeRO-3 partitions hold {flats[0].numel()} values, {offset} needed")
-    return state
-
-
-def consolidate_zero_weights(tag_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of a DeepSpeed ZeRO tag folder, assembled from every rank.
-
-    Equal to ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` with
-    ``exclude_frozen_parameters=True`` (the tests check it), read safely.
-    """
-    tag_dir = Path(tag_dir)
-    model_files = model_states_files(tag_dir)
-    optim_files = _rank_files(tag_dir, OPTIM_STATES) if tag_dir.is_dir() else []
-    if not model_files or not optim_files:
-        raise CheckpointError(f"{tag_dir}: no DeepSpeed model and optimizer state files")
-    param_shapes = load_deepspeed_file(model_files[0])["param_shapes"]
-    osds = [load_deepspeed_file(f)["optimizer_state_dict"] for f in optim_files]
-    if "zero_stage" not in osds[0]:
-        raise CheckpointError(f"{optim_files[0]}: not a ZeRO optimizer state (use the module file)")
-    stage = int(osds[0]["zero_stage"])
-    world = osds[0]["partition_count"]
-    world = max(world) if isinstance(world, (list, tuple)) else int(world)
-    if world != len(osds):
-        raise CheckpointError(
-            f"{tag_dir}: {len(osds)} optimizer shards for a world of {world} ranks (incomplete?)"
-        )
-    merge = _merge_zero3 if stage == 3 else _merge_zero12
-    return merge(osds, param_shapes)
-
-
-def _placeholders(states: dict) -> list[str]:
-    """Module entries that ZeRO-3 left empty although the parameter has elements."""
-    shapes = {k: v for group in states.get("param_shapes") or [] for k, v in group.items()}
-    return [
-        name
-        for name, value in states["module"].items()
-        if value.numel() == 0 and math.prod(shapes.get(name, (0,))) > 0
-    ]
 
 
 def _client_state(states: dict) -> dict:

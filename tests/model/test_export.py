@@ -27,14 +27,13 @@ from model.export_manifest import MANIFEST, read_manifest
 from tests.data_fixtures import write_reason_seg
 from tests.model.batches import BatchSpec, make_batch
 from utils.checkpoint import CheckpointError
-from utils.run_checkpoints import (
+from utils.deepspeed_files import (
     _merge_zero3,
     _merge_zero12,
     consolidate_zero_weights,
     load_deepspeed_file,
-    load_trainable_weights,
-    read_training_weights,
 )
+from utils.run_checkpoints import load_trainable_weights, read_training_weights
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = BatchSpec(rows=[[1], [2, 1]], proposals=[4, 6])
