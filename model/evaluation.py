@@ -64,6 +64,19 @@ def overlay(
     return out
 
 
+def outline_masks(
+    picture: np.ndarray, masks: list[np.ndarray], colour: tuple[int, int, int] = (255, 220, 0)
+) -> np.ndarray:
+    """Draw the outer outline of each ``(H, W)`` mask onto ``picture`` in place (the rounds a
+    multi-round answer refers to, in yellow by default); returns ``picture``."""
+    for mask in masks:
+        contours, _ = cv2.findContours(
+            mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+        )
+        cv2.drawContours(picture, contours, -1, colour, 1)
+    return picture
+
+
 def enlarge_small(image: np.ndarray, *masks: np.ndarray) -> tuple[np.ndarray, ...]:
     """``image`` (and ``masks``) enlarged by a whole factor, nearest neighbour, when the short
     side is under :data:`MIN_PANEL_SIDE` (so captions stay legible and masks pixel-exact)."""
