@@ -59,8 +59,8 @@ from prepare_datasets.conversations.relations import (
     unique_answer,
 )
 from utils.annotations import annotation_mask, load_json, load_refs_pickle
-from utils.config import parse_config, save_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
+from utils.config import save_config
 from utils.text_files import DatasetFormatError
 
 logger = logging.getLogger(__name__)
@@ -499,5 +499,4 @@ def main(config: MRSegPrepareConfig) -> MRSegSummary:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(MRSegPrepareConfig))
+    run_cli(main, MRSegPrepareConfig)

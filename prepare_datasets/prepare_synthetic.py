@@ -30,9 +30,20 @@ picture, each about another object, with the same query fields (``text``, ``is_s
 (`utils/data/reason_seg.py`), so only the words tell the targets apart; evaluation reads the
 main query only, so the splits stay standard ReasonSeg.
 
+With ``--conversations`` every json also holds ``conversation``: 2-5 rounds about the picture
+(SegLLM style, `prepare_datasets.synthetic.conversations`), each ``{"text": str,
+"is_sentence", "shapes", "target", "query_type", "references": [k, ...], "relation",
+"candidates_without_reference"}``. Round 1 is a single-round query; every later round names an
+earlier round's object as "object k [REF:k]" with a relation
+(`prepare_datasets.synthetic.relations`) that singles out one object given object k and at least
+two (``candidates_without_reference``) without it. A scene where no round 2 is possible gets no
+``conversation`` (counted in the statistics).
+
 Deterministic: every image draws from its own generator seeded by ``(seed, split, index)``, so a
-rerun writes byte-identical files. Each split is written to a temporary folder and swapped into
-place when complete, so an interrupted run never leaves a half-written split.
+rerun writes byte-identical files. Extra queries, then the conversation, are drawn last, so the
+picture and the main query do not depend on ``--extra_queries`` or ``--conversations``. Each split
+is written to a temporary folder and swapped into place when complete, so an interrupted run never
+leaves a half-written split.
 """
 
 from __future__ import annotations
@@ -51,6 +62,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from prepare_datasets.synthetic.conversations import (
+    ConversationRound,
+    build_conversation,
+    conversation_stats,
+    count_conversation,
+)
 from prepare_datasets.synthetic.queries import (
     QUERY_TYPES,
     Query,
@@ -58,6 +75,7 @@ from prepare_datasets.synthetic.queries import (
     choose_query,
     phrase_query,
 )
+from prepare_datasets.synthetic.relations import scene_layout
 from prepare_datasets.synthetic.scenes import (
     BACKGROUNDS,
     SHAPES,
@@ -70,8 +88,8 @@ from prepare_datasets.synthetic.scenes import (
     sample_objects,
     scene_is_clear,
 )
-from utils.config import parse_config, save_config
-from utils.logging_setup import setup_logging
+from utils.cli import run_cli
+from utils.config import save_config
 from utils.masks import labelme_to_mask
 
 logger = logging.getLogger(__name__)
@@ -103,6 +121,13 @@ class SyntheticConfig:
             "help": "further queries about the same scene, each with another target, stored under "
             "'extra_queries' (training asks several of them about one picture; evaluation reads "
             "the main query only)"
+        },
+    )
+    conversations: bool = field(
+        default=False,
+        metadata={
+            "help": "also write a 2-5 round 'conversation' per image whose later rounds name an "
+            "earlier round's object ('object k [REF:k]')"
         },
     )
     overlap_probability: float = field(
@@ -175,6 +200,7 @@ class SyntheticSample:
         polygons: labelme polygons of the target's visible region, ``(V, 2)`` int32 each.
         extra_queries: further queries about the scene, each with a target of its own (none is
             the main query's target, no two share one).
+        conversation: the multi-round conversation (``--conversations``), ``None`` without one.
     """
 
     image: np.ndarray
@@ -186,6 +212,7 @@ class SyntheticSample:
     texts: list[str]
     polygons: list[np.ndarray]
     extra_queries: list[PhrasedQuery] = field(default_factory=list)
+    conversation: list[ConversationRound] | None = None
 
     def to_record(self) -> dict:
         """The ReasonSeg json of this sample (plain Python types only)."""
@@ -214,6 +241,8 @@ class SyntheticSample:
         }
         if self.extra_queries:
             record["extra_queries"] = [extra.to_record() for extra in self.extra_queries]
+        if self.conversation is not None:
+            record["conversation"] = [round_.to_record() for round_ in self.conversation]
         return record
 
 
@@ -278,9 +307,12 @@ def generate_sample(
             config.extra_queries,
             config.texts_per_query,
         )
-        return SyntheticSample(
+        sample = SyntheticSample(
             image, objects, geometry, background, query, is_sentence, texts, polygons, extras
         )
+        if config.conversations:
+            sample.conversation = scene_conversation(rng, objects, geometry, visible_masks)
+        return sample
     raise RuntimeError(
         f"no clear scene with a unique {query_type} query in {MAX_ATTEMPTS} attempts "
         f"(image_size={size}, objects {config.min_objects}-{config.max_objects})"
@@ -296,6 +328,23 @@ def exact_polygons(visible_mask: np.ndarray) -> list[np.ndarray] | None:
     if not np.array_equal(labelme_to_mask(shapes, height, width) == 1, visible_mask):
         return None
     return polygons
+
+
+def scene_conversation(
+    rng: np.random.Generator,
+    objects: list[SceneObject],
+    geometry: list[ObjectGeometry],
+    visible_masks: np.ndarray,
+) -> list[ConversationRound] | None:
+    """A multi-round conversation about the scene (``None`` if no round 2 is possible); see
+    :func:`prepare_datasets.synthetic.conversations.build_conversation`.
+
+    Args:
+        visible_masks: ``(N, H, W)`` bool visible region of each object.
+    """
+    layout = scene_layout(objects, geometry, visible_masks)
+    polygons = [exact_polygons(mask) for mask in visible_masks]
+    return build_conversation(rng, objects, geometry, layout, polygons)
 
 
 def extra_scene_queries(
@@ -357,7 +406,7 @@ def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     types, subtypes, forms, overlaps, objects = Counter(), Counter(), Counter(), 0, 0
-    extra_queries = 0
+    extra_queries, conversations = 0, Counter()
     bar = tqdm(schedule, desc=f"synthetic {split}", unit="img", disable=not config.progress)
     for index, (query_type, is_sentence) in enumerate(bar):
         rng = np.random.default_rng([config.seed, split_code, index])
@@ -371,6 +420,8 @@ def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> 
         overlaps += any(g.visible_area < g.full_area for g in sample.geometry)
         objects += len(sample.objects)
         extra_queries += len(sample.extra_queries)
+        if config.conversations:
+            count_conversation(conversations, sample.conversation)
     final = root / split
     if final.exists():
         stale = root / f".{split}.stale"
@@ -380,7 +431,7 @@ def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> 
         shutil.rmtree(stale)
     else:
         os.replace(partial, final)
-    return {
+    stats = {
         "images": count,
         "query_types": dict(sorted(types.items())),
         "query_subtypes": dict(sorted(subtypes.items())),
@@ -389,6 +440,9 @@ def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> 
         "mean_objects": round(objects / max(count, 1), 3),
         "extra_queries": extra_queries,
     }
+    if config.conversations:
+        stats.update(conversation_stats(conversations))
+    return stats
 
 
 def main(config: SyntheticConfig) -> SyntheticSummary:
@@ -415,10 +469,18 @@ def main(config: SyntheticConfig) -> SyntheticSummary:
             entry["forms"].get("long", 0),
             entry["scenes_with_overlap"],
         )
+        if config.conversations:
+            logger.info(
+                "%s: %d conversations (%d scenes without one), rounds %s, relations %s",
+                split,
+                entry["conversations"],
+                entry["conversations_omitted"],
+                entry["conversation_rounds"],
+                entry["relations"],
+            )
     logger.info("synthetic ReasonSeg written to %s", root)
     return SyntheticSummary(root, stats)
 
 
 if __name__ == "__main__":
-    setup_logging()
-    main(parse_config(SyntheticConfig, aliases={"out_dir": ["--dataset_dir"]}))
+    run_cli(main, SyntheticConfig, aliases={"out_dir": ["--dataset_dir"]})
