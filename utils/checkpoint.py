@@ -32,7 +32,10 @@ class CheckpointError(RuntimeError):
 
 def _load_single_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        return load_safetensors(str(path))
+        try:
+            return load_safetensors(str(path))
+        except Exception as error:  # SafetensorError, OSError, ...: all mean "unreadable"
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # the unpickler raises many types; all mean "unreadable"
@@ -51,7 +54,10 @@ def resolve_weight_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     if path.is_file():
         if path.name.endswith(".index.json"):
-            weight_map = json.loads(path.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise CheckpointError(f"{path}: not a checkpoint index ({error!r})") from error
             return [path.parent / name for name in sorted(set(weight_map.values()))]
         return [path]
     if path.is_dir():

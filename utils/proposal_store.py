@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from utils.masks import decode_rles, encode_rles, proposal_targets, proposal_weight_maps
+from utils.text_files import DatasetFormatError
 
 STORE_FORMAT = "llm-seg-proposals"
 STORE_VERSION = 1
@@ -316,20 +317,29 @@ class ProposalReader:
         if self.is_json:
             self._load_json()
         else:
-            with h5py.File(self.path, "r") as file:
-                if file.attrs.get("format") != STORE_FORMAT:
-                    raise ValueError(
-                        f"{self.path}: not an llm-seg proposal store (upstream str "
-                        "h5 files are not supported; convert them to masks.json)"
-                    )
-                names = file["images/name"].asstr()[()]
-                self._names = np.array([name_sort_key(n) for n in names], dtype=bytes)
-                self._sizes = file["images/size"][()]
-                self._offsets = file["images/offset"][()]
-                self.failures = dict(
-                    zip(file["failures/name"].asstr()[()], file["failures/reason"].asstr()[()])
+            try:
+                self._read_h5_index()
+            except (OSError, KeyError) as error:  # h5py: truncated file, missing dataset
+                raise DatasetFormatError(
+                    f"{self.path}: truncated or corrupt proposal store ({error}); "
+                    "rerun its prepare script"
+                ) from None
+
+    def _read_h5_index(self) -> None:
+        with h5py.File(self.path, "r") as file:
+            if file.attrs.get("format") != STORE_FORMAT:
+                raise ValueError(
+                    f"{self.path}: not an llm-seg proposal store (upstream str "
+                    "h5 files are not supported; convert them to masks.json)"
                 )
-                self.generator = json.loads(file.attrs["generator"])
+            names = file["images/name"].asstr()[()]
+            self._names = np.array([name_sort_key(n) for n in names], dtype=bytes)
+            self._sizes = file["images/size"][()]
+            self._offsets = file["images/offset"][()]
+            self.failures = dict(
+                zip(file["failures/name"].asstr()[()], file["failures/reason"].asstr()[()])
+            )
+            self.generator = json.loads(file.attrs["generator"])
 
     def _load_json(self) -> None:
         with open(self.path) as handle:
@@ -389,10 +399,15 @@ class ProposalReader:
         height, width = (int(v) for v in self._sizes[row])
         if start == stop:
             return ImageProposals.empty(height, width)
-        props = self._h5()["proposals"]
-        fields = {field: props[field][start:stop] for field in _PROPOSAL_FIELDS}
-        rle_offsets = props["rle_offset"][start : stop + 1]
-        blob = props["rle_bytes"][rle_offsets[0] : rle_offsets[-1]].tobytes()
+        try:
+            props = self._h5()["proposals"]
+            fields = {field: props[field][start:stop] for field in _PROPOSAL_FIELDS}
+            rle_offsets = props["rle_offset"][start : stop + 1]
+            blob = props["rle_bytes"][rle_offsets[0] : rle_offsets[-1]].tobytes()
+        except (OSError, KeyError) as error:  # a damaged chunk inside an openable file
+            raise DatasetFormatError(
+                f"{self.path}: image {name!r}: its proposals cannot be read ({error})"
+            ) from None
         local = rle_offsets - rle_offsets[0]
         counts = [blob[a:b] for a, b in zip(local[:-1], local[1:])]
         return ImageProposals(height=height, width=width, rle_counts=counts, **fields)

@@ -60,3 +60,15 @@ def test_missing_file_and_empty_folder_errors(tmp_path):
         load_state_dict(tmp_path / "nope.pth")
     with pytest.raises(CheckpointError, match="no weight file found"):
         load_state_dict(tmp_path)
+
+
+def test_unreadable_safetensors_and_index_are_named(tmp_path):
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match=f"{garbage}: not a readable safetensors file"):
+        load_state_dict(garbage)
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    index.parent.mkdir()
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match=f"{index}: not a checkpoint index"):
+        load_state_dict(index.parent)

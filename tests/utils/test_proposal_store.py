@@ -14,6 +14,7 @@ from utils.proposal_store import (
     build_proposal_sample,
     top_k_indices,
 )
+from utils.text_files import DatasetFormatError
 
 
 def make_proposals(masks, predicted_iou=None):
@@ -175,3 +176,20 @@ def test_build_proposal_sample_targets_by_hand():
     no_gt = build_proposal_sample(proposals, None)
     assert no_gt.iou.shape == (0, 3)
     assert no_gt.weight_maps.shape == (3, 256, 256)
+
+
+def test_damaged_h5_store_is_a_format_error_naming_it(tmp_path):
+    path = tmp_path / "masks.h5"
+    with H5StoreWriter(path) as writer:
+        for i in range(3):
+            writer.add(f"img{i}.jpg", random_proposals(i, 3))
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated" / "masks.h5"
+    truncated.parent.mkdir()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetFormatError, match=f"{truncated}: truncated or corrupt"):
+        ProposalReader(truncated)
+    with h5py.File(path, "a") as file:
+        del file["images/offset"]
+    with pytest.raises(DatasetFormatError, match=f"{path}: truncated or corrupt.*offset"):
+        ProposalReader(path)
