@@ -30,7 +30,7 @@ from utils.config import save_config
 from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, eval_records
 from utils.data.mrseg import load_mrseg, mrseg_report
 from utils.device import resolve_device, resolve_dtype
-from utils.distributed import init_process_group, is_main_process
+from utils.distributed import init_process_group, is_main_process, launched_as_group
 from utils.legacy_tokenizer import resolve_tokenization
 from utils.logging_setup import setup_logging
 from utils.round_scoring import score_multi_round_predictions
@@ -83,9 +83,15 @@ def main(config: EvalConfig) -> dict:
 
     if not config.checkpoint and not config.model_dir:
         raise ValueError("--checkpoint or --model_dir is required (or --pred_dir for saved masks)")
+    if config.checkpoint and config.model_dir:
+        raise ValueError(
+            "give one of --checkpoint (a training run) and --model_dir (an export), not both: "
+            "--checkpoint"
+        )
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.precision)
-    init_process_group(device)
+    if launched_as_group():  # several processes share the images; one needs no group
+        init_process_group(device)
     model_config = LLMSegConfig(**{f.name: getattr(config, f.name) for f in fields(LLMSegConfig)})
     if config.model_dir:  # sizes and preprocessing come from the export
         exported = load_exported(config.model_dir, device, dtype)

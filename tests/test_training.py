@@ -1,5 +1,6 @@
 """training.py and eval.py end to end on tiny models and a tiny ReasonSeg fixture."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -62,7 +63,7 @@ def _optimizer_state(run_dir: Path) -> dict:
     return torch.load(path, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
 
 
-def test_train_resume_and_evaluate(tiny_checkpoints, reason_seg, tmp_path):
+def test_train_resume_and_evaluate(tiny_checkpoints, reason_seg, tmp_path, monkeypatch):
     full = _config(tiny_checkpoints, reason_seg, tmp_path / "full")
     metrics = training.main(full)
     run = full.log_dir
@@ -107,6 +108,13 @@ def test_train_resume_and_evaluate(tiny_checkpoints, reason_seg, tmp_path):
         out_dir=str(tmp_path / "eval"),
         device="cpu",
     )
+    with pytest.raises(ValueError, match="not both: --checkpoint"):
+        eval_script.main(dataclasses.replace(eval_config, model_dir=str(run)))
+
+    def no_group(device):  # one process evaluates without DeepSpeed's process group
+        raise AssertionError("single-process evaluation joined a process group")
+
+    monkeypatch.setattr(eval_script, "init_process_group", no_group)
     evaluated = eval_script.main(eval_config)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     final = json.loads((run / "eval" / "step4" / "metrics.json").read_text())

@@ -45,6 +45,13 @@ def ensure_process_group_env() -> None:
         _OWN_PORT = True
 
 
+def launched_as_group() -> bool:
+    """Whether a launcher (``deepspeed``, ``torchrun``) started several processes; a single
+    process (evaluation, chat) then needs no process group, and no DeepSpeed import, whose
+    first use JIT-builds a communication op (about a minute on a laptop CPU)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_process_group(device: torch.device) -> None:
     """Join the process group (NCCL on GPUs, gloo on CPUs) unless already joined."""
     if is_distributed():
