@@ -93,8 +93,9 @@ def entry_point_config(call: list[str], launcher_parser):
     return launched, script, config_cls(**vars(namespace))
 
 
-# Run for real (not with stubs) by tests/test_demo.py: its stages read each other's outputs.
-RUN_FOR_REAL = {"demo.sh"}
+# Run for real (not with stubs) by tests/test_demo.py and tests/test_demo_multiround.py: their
+# stages read each other's outputs.
+RUN_FOR_REAL = {"demo.sh", "demo_multiround.sh"}
 
 
 def test_every_script_is_covered_and_valid_bash():
