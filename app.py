@@ -298,7 +298,8 @@ class DemoApp:
                     mask = gr.File(label="mask (PNG)", elem_id="mask")
                     table = gr.Dataframe(headers=TABLE_HEADERS, label="proposals",
                                          interactive=False, elem_id="proposals")  # fmt: skip
-            gallery = gr.Gallery(label="history", columns=4, format="png", elem_id="history")
+            gallery = gr.Gallery(label="history", columns=4, format="png", elem_id="history",
+                                 object_fit="contain", height=320)  # fmt: skip
             if self.config.examples:
                 gr.Examples(examples=list_examples(self.config.examples), inputs=[image])
             outputs = [shown, mask, answer, table, gallery, chooser, status, state]
