@@ -110,6 +110,11 @@ class LLMSegConfig:
         metadata={"help": "SAM head: image embeddings kept in memory across steps and epochs "
                   "(a frozen encoder's pass is reused; ViT-H: 4 MB each); 0: none"},
     )  # fmt: skip
+    sam_embedding_store: str = field(
+        default="",
+        metadata={"help": "SAM head: precomputed image embeddings of this SAM "
+                  "(python -m prepare_datasets.prepare_sam_embeddings); others are computed"},
+    )  # fmt: skip
     bce_loss_weight: float = field(default=2.0, metadata={"help": "SAM head: mask BCE weight"})
     dice_loss_weight: float = field(default=0.5, metadata={"help": "SAM head: mask Dice weight"})
     mask_encoder: str = field(
@@ -230,7 +235,9 @@ def build_llm_seg(
         if not config.sam_checkpoint:
             raise ValueError(f"--mask_head {config.mask_head} needs --sam_checkpoint")
         sam = load_sam(config.sam_checkpoint, config.sam_model_type)
-        sam_head = SamMaskHead(sam, config.sam_embedding_cache).to(dtype)
+        sam_head = SamMaskHead(sam, config.sam_embedding_cache, config.sam_embedding_store).to(
+            dtype
+        )
     model = LLMSegModel(
         backbone,
         dino,

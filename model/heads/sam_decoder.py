@@ -18,6 +18,7 @@ compares those original-size logits with the ground truth, as LISA does.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import torch
@@ -25,20 +26,35 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
+from utils.embedding_store import EmbeddingStore, content_key, encoder_fingerprint
+
 
 class EmbeddingCache:
-    """A least-recently-used store of SAM image embeddings, kept on the CPU.
+    """A least-recently-used store of SAM image embeddings, kept on the CPU, optionally backed by
+    a precomputed :class:`~utils.embedding_store.EmbeddingStore` (``--sam_embedding_store``).
 
     ``capacity`` entries (0: off); a ViT-H embedding is 4 MB in fp32, so 256 entries take 1 GB.
+    Keys are image files; the store is looked up by the file's content.
     """
 
-    def __init__(self, capacity: int = 0) -> None:
+    def __init__(self, capacity: int = 0, store: EmbeddingStore | None = None) -> None:
         self.capacity = capacity
+        self.store = store
         self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.store_hits = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.capacity) or self.store is not None
 
     def get(self, key: str) -> torch.Tensor | None:
         embedding = self.entries.get(key)
+        if embedding is None and self.store is not None and os.path.isfile(key):
+            embedding = self.store.get(content_key(key))
+            if embedding is not None:
+                self.store_hits += 1
+                self.put(key, embedding)
+                return embedding
         if embedding is None:
             self.misses += 1
             return None
@@ -60,16 +76,23 @@ class SamMaskHead(nn.Module):
         sam: a ``segment_anything`` SAM at any size (``model.backbones.sam.load_sam``); its
             prompt width must equal the ``[SEG]`` text projection's output width.
         cache_size: image embeddings kept in memory (:class:`EmbeddingCache`; 0: none).
+        store: a store of this encoder's embeddings (``prepare_datasets.prepare_sam_embeddings``);
+            one made by another encoder is refused.
     """
 
-    def __init__(self, sam: Sam, cache_size: int = 0) -> None:
+    def __init__(self, sam: Sam, cache_size: int = 0, store: str | os.PathLike = "") -> None:
         super().__init__()
         self.image_encoder = sam.image_encoder
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
         self.image_encoder.requires_grad_(False)
         self.prompt_encoder.requires_grad_(False)
-        self.cache = EmbeddingCache(cache_size)
+        self.cache = EmbeddingCache(
+            cache_size,
+            EmbeddingStore(store, encoder_fingerprint(self.image_encoder, self.image_size))
+            if store
+            else None,
+        )
 
     @property
     def image_size(self) -> int:
@@ -96,7 +119,7 @@ class SamMaskHead(nn.Module):
         """
         parameters = list(self.image_encoder.parameters())
         trainable = any(p.requires_grad for p in parameters)
-        if trainable or keys is None or not self.cache.capacity:
+        if trainable or keys is None or not self.cache.enabled:
             with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
                 return self.image_encoder(sam_pixels.to(parameters[0].dtype))
         found = [self.cache.get(key) for key in keys]
