@@ -15,6 +15,7 @@ from pathlib import Path
 
 from utils.data.conversation import conversation_format
 from utils.data.conversation_split import load_conversation_split
+from utils.data.dataset_files import check_proposal_coverage
 from utils.data.images import clip_image_processor
 from utils.data.llmseg40k import LLMSeg40KSource, llmseg40k_eval_record, load_llmseg40k_split
 from utils.data.mixing import EvaluationDataset, MixedTrainingDataset, parse_mixture
@@ -149,6 +150,9 @@ def _clip_folder_and_size(config) -> tuple[Path, int]:
 def _reason_seg_train(config) -> ReasonSegSource:
     name, _, split = config.reason_seg_data.partition("|")
     items = load_reason_seg_split(config.dataset_dir, config.sam_masks_dir, split or "train")
+    if items:
+        keys = [item.image_path.name for item in items]
+        check_proposal_coverage(keys, items[0].proposals, f"ReasonSeg|{split or 'train'}")
     return ReasonSegSource(items, config.num_classes_per_sample)
 
 

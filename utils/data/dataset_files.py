@@ -69,6 +69,36 @@ def open_proposal_store(sam_masks_dir: str | os.PathLike | None, store: str):
         ) from None
 
 
+# A training split whose proposal store holds fewer of its images than this stops at start-up
+# (a store of another split, or an unfinished prepare run), instead of after many skipped draws.
+MIN_PROPOSAL_COVERAGE = 0.5
+
+
+def check_proposal_coverage(
+    keys: Sequence[str], reader: ProposalReader | None, label: str
+) -> float:
+    """The fraction of ``keys`` (a training split's proposal keys) that ``reader`` holds.
+
+    Raises:
+        DatasetFormatError: under :data:`MIN_PROPOSAL_COVERAGE`, stating the coverage and the
+            store ("covers 0 of 1000 images of ReasonSeg|train: <file>").
+    """
+    if reader is None or not keys:
+        return 1.0
+    covered = sum(key in reader for key in keys)
+    fraction = covered / len(keys)
+    if fraction < MIN_PROPOSAL_COVERAGE:
+        raise DatasetFormatError(
+            f"the proposal store covers {covered} of {len(keys)} images of {label} (under "
+            f"{MIN_PROPOSAL_COVERAGE:.0%}; a store of another split, or an unfinished prepare "
+            f"run?): {reader.path}"
+        )
+    if covered < len(keys):
+        logger.warning("%s: the proposal store covers %d of %d images: %s",
+                       label, covered, len(keys), reader.path)  # fmt: skip
+    return fraction
+
+
 class _FolderIndex:
     """Which files exist, one directory listing per folder (a stat per file is slow on NFS)."""
 

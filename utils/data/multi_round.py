@@ -19,6 +19,7 @@ import random
 import numpy as np
 
 from utils.data.conversation_split import load_conversation_split
+from utils.data.dataset_files import check_proposal_coverage
 from utils.data.mrseg import load_mrseg
 from utils.data.samples import SegmentationRecord
 
@@ -73,6 +74,10 @@ def load_multi_round_train(
         if name.lower().startswith("reasonseg|"):
             split = name.split("|", 1)[1] or "train"
             files[name] = load_conversation_split(dataset_dir, sam_masks_dir, split)
+            records = files[name]
+            check_proposal_coverage(
+                [r.proposal_key for r in records], records[0].proposals, f"ReasonSeg|{split}"
+            )
         else:
             files[name] = load_mrseg(dataset_dir, name, sam_masks_dir, strict=False)
     return MultiRoundSource(files, max_rounds)
