@@ -135,6 +135,11 @@ class SyntheticConfig:
     )
     jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality (4:4:4 chroma)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar per split"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace split folders that an earlier synthetic run did not write "
+                  "(e.g. real ReasonSeg data)"},
+    )  # fmt: skip
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -445,10 +450,25 @@ def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> 
     return stats
 
 
+def _refuse_foreign_data(root: Path, overwrite: bool) -> None:
+    """Split folders are replaced only when an earlier synthetic run wrote them (its
+    ``synthetic_config.json`` sits beside them) or with ``--overwrite``."""
+    if overwrite or (root / "synthetic_config.json").is_file():
+        return
+    occupied = [root / s for s in SPLITS if (root / s).is_dir() and any((root / s).iterdir())]
+    if occupied:
+        names = ", ".join(str(p) for p in occupied)
+        raise FileExistsError(
+            f"{names}: not written by prepare_synthetic and would be replaced; choose another "
+            "--out_dir or give --overwrite: --out_dir"
+        )
+
+
 def main(config: SyntheticConfig) -> SyntheticSummary:
     """Write every split, the resolved config and the statistics; return where they are."""
     config.validate()
     root = Path(config.out_dir) / "reason_seg" / "ReasonSeg"
+    _refuse_foreign_data(root, config.overwrite)
     root.mkdir(parents=True, exist_ok=True)
     save_config(config, root / "synthetic_config.json")
     counts = {"train": config.num_train, "val": config.num_val, "test": config.num_test}

@@ -342,6 +342,18 @@ def test_rerun_replaces_a_split_without_stale_files(tmp_path):
     assert set(SHAPES) >= {o["shape"] for _, r in records(val.parent, "val") for o in r["objects"]}
 
 
+def test_real_data_in_the_way_is_never_replaced_without_overwrite(tmp_path):
+    val = tmp_path / "reason_seg" / "ReasonSeg" / "val"
+    val.mkdir(parents=True)
+    (val / "real_0001.json").write_text("{}")  # e.g. the released ReasonSeg val split
+    with pytest.raises(FileExistsError, match=f"{val}: not written by prepare_synthetic"):
+        main(small_config(tmp_path, num_train=0, num_val=2, num_test=0))
+    assert [p.name for p in val.iterdir()] == ["real_0001.json"]
+    assert not (val.parent / "synthetic_config.json").exists()
+    main(small_config(tmp_path, num_train=0, num_val=2, num_test=0, overwrite=True))
+    assert sorted(p.name for p in val.glob("*.jpg")) == ["val_00000.jpg", "val_00001.jpg"]
+
+
 def test_cli_in_another_process_with_other_hash_seed_writes_the_same_files(dataset, tmp_path):
     root = dataset[1].root
     command = [sys.executable, "-m", "prepare_datasets.prepare_synthetic", "--dataset_dir"]
