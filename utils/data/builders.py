@@ -1,7 +1,7 @@
 """Building the training mixture and the evaluation sets from command-line strings.
 
 ``--dataset "sem_seg||refer_seg||reason_seg" --sample_rates "9,3,1"`` picks training families;
-``--val_dataset "ReasonSeg|val"`` (or ``ReasonSeg|test``, ``refcoco|unc|val``,
+``--val_dataset "ReasonSeg|val"`` (or ``ReasonSeg|test``, ``refcoco|unc|val``, ``grefcoco|unc|val``,
 ``LLMSeg40K|validation``) picks the evaluation set. Each family registers a builder here.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from utils.data.conversation import conversation_format
 from utils.data.conversation_split import load_conversation_split
 from utils.data.dataset_files import check_proposal_coverage
+from utils.data.grefcoco import GREFCOCO, load_grefcoco_split, parse_grefcoco_spec
 from utils.data.images import clip_image_processor
 from utils.data.llmseg40k import LLMSeg40KSource, llmseg40k_eval_record, load_llmseg40k_split
 from utils.data.mixing import EvaluationDataset, MixedTrainingDataset, parse_mixture
@@ -220,6 +221,14 @@ def _refer_eval(config, parts: list[str], with_proposals: bool):
     return [refer_eval_record(image) for image in images]
 
 
+def _grefcoco_eval(config, parts: list[str], with_proposals: bool):
+    """``grefcoco|unc|val`` (or ``grefcoco|val``): every sentence, its rows flagged no-target."""
+    split_by, split = parse_grefcoco_spec("|".join(parts))
+    masks_dir = config.sam_masks_dir if with_proposals else None
+    images = load_grefcoco_split(config.dataset_dir, masks_dir, split, split_by, strict=True)
+    return [refer_eval_record(image) for image in images]
+
+
 def _llmseg40k_eval(config, parts: list[str], with_proposals: bool):
     """``LLMSeg40K|validation`` (or ``|val``) and ``LLMSeg40K|test``."""
     split = parts[1] if len(parts) > 1 else "validation"
@@ -243,6 +252,7 @@ TRAIN_SOURCES: dict[str, Callable] = {
 EVAL_SETS: dict[str, Callable] = {
     "reasonseg": _reason_seg_eval,
     **{name: _refer_eval for name in SPLIT_BY},
+    GREFCOCO: _grefcoco_eval,
     "llmseg40k": _llmseg40k_eval,
     "llm-seg40k": _llmseg40k_eval,
     "mrseg": _mrseg_eval,

@@ -1,9 +1,9 @@
 """Ground-truth masks from COCO-format segmentations (polygons, RLE) and mask PNGs.
 
-Used by the refer_seg, part (PACO-LVIS, PASCAL-Part) and LLM-Seg40K loaders as the ``masks``
-callable of a :class:`~utils.data.samples.SegmentationRecord` (through ``functools.partial``,
-so records stay picklable). Each checks that the annotation's size is the image's size, since a
-mismatch (e.g. an EXIF-rotated photo) would silently misplace every target.
+Used by the refer_seg (and gRefCOCO), part (PACO-LVIS, PASCAL-Part) and LLM-Seg40K loaders as
+the ``masks`` callable of a :class:`~utils.data.samples.SegmentationRecord` (through
+``functools.partial``, so records stay picklable). Each checks that the annotation's size is the
+image's size, since a mismatch (e.g. an EXIF-rotated photo) would silently misplace every target.
 """
 
 from __future__ import annotations
@@ -42,6 +42,23 @@ def annotation_masks(
             f"{source}: a segmentation is neither polygons nor COCO RLE ({error!r})"
         ) from None
     return np.stack(masks)
+
+
+def union_masks(
+    rows: list[list], ann_size: tuple[int, int], source, height: int, width: int
+) -> np.ndarray:
+    """``(R, H, W)`` uint8 {0, 1}: row ``r`` is the union of the COCO ``segmentation`` fields in
+    ``rows[r]`` (a referring target: one annotation for refCOCO, several for gRefCOCO's
+    multi-target refs, none for a no-target ref, which gives an all-zero mask).
+
+    Raises ``DatasetFormatError`` naming ``source`` for a size mismatch or a bad segmentation.
+    """
+    _check_size(source, ann_size, height, width)
+    masks = np.zeros((len(rows), height, width), np.uint8)
+    for r, segmentations in enumerate(rows):
+        if segmentations:
+            masks[r] = annotation_masks(segmentations, ann_size, source, height, width).max(0)
+    return masks
 
 
 def rle_mask(rle: dict | list, source) -> np.ndarray:

@@ -17,6 +17,8 @@ sentences of all its refs pooled, each a conversation with a SHORT question abou
 lower-cased sentence; the target is the referred annotation's mask. Evaluation
 (``refcoco|unc|val``, ``refcocog|umd|test``, ...): one record per image holding every sentence of
 its refs in that split, each its own conversation with the fixed validation prompt.
+gRefCOCO (no-target and multi-target refs) is read by :mod:`utils.data.grefcoco` into the same
+:class:`ReferImage` records and can join the training family (``--refer_seg_data``).
 
 Behaviour on bad input: a missing or malformed ``refs(*).p``/``instances.json`` (or a ref that
 points to an unknown image or annotation) stops the run when the dataset is built, naming the
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.annotations import coco_images, load_json, load_refs_pickle, saiapr_key
-from utils.data.coco_masks import annotation_masks
+from utils.data.coco_masks import union_masks
 from utils.data.conversation import (
     ANSWER_TEMPLATES,
     SHORT_QUESTION_TEMPLATES,
@@ -62,8 +64,11 @@ SPLIT_BY = {"refclef": "unc", "refcoco": "unc", "refcoco+": "unc", "refcocog": "
 class ReferImage:
     """One image of a refer split: every sentence of its refs with the referred segmentation.
 
-    ``sentences[i]`` refers to ``segmentations[i]`` (a COCO ``segmentation`` field annotated at
-    ``(height, width)``); sentences of the same ref share one segmentation object.
+    ``sentences[i]`` refers to the union of ``segmentations[i]``, a list of COCO
+    ``segmentation`` fields annotated at ``(height, width)`` (one for refCOCO; gRefCOCO's
+    multi-target refs have several and its no-target refs none); sentences of the same ref
+    share one list. gRefCOCO also fills ``sentence_ids`` (each sentence's ``sent_id``) and
+    ``no_target`` (whether it refers to nothing).
     """
 
     dataset: str
@@ -74,6 +79,8 @@ class ReferImage:
     sentences: list[str]
     segmentations: list
     proposals: ProposalReader | None
+    sentence_ids: list[int] | None = None
+    no_target: list[bool] | None = None
 
 
 def refer_root(dataset_dir: str | Path, name: str) -> Path:
@@ -153,7 +160,7 @@ def load_refer_split(
         texts, segs = by_image.setdefault(image_id, ([], []))
         segmentation = annotations[ann_id].get("segmentation") or []
         texts += sentences
-        segs += [segmentation] * len(sentences)
+        segs += [[segmentation]] * len(sentences)
     if not by_image:
         known = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
         raise DatasetFormatError(f"{refs_path}: no refs in split {split!r} (splits: {known})")
@@ -194,7 +201,7 @@ def _record(image: ReferImage, conversations, rows: list[int], texts) -> Segment
         image_path=image.image_path,
         conversations=conversations,
         masks=functools.partial(
-            annotation_masks,
+            union_masks,
             [image.segmentations[r] for r in rows],
             (image.height, image.width),
             image.image_path,
@@ -204,6 +211,7 @@ def _record(image: ReferImage, conversations, rows: list[int], texts) -> Segment
         name=image.image_path.stem,
         dataset=image.dataset,
         queries=list(texts),
+        no_target=tuple(image.no_target[r] for r in rows) if image.no_target else None,
     )
 
 
@@ -260,12 +268,19 @@ class ReferSegSource:
 
 
 def load_refer_train(dataset_dir, sam_masks_dir, names: str, num_sentences: int = 3):
-    """The :class:`ReferSegSource` of ``--refer_seg_data`` (``"refclef||refcoco||..."``)."""
+    """The :class:`ReferSegSource` of ``--refer_seg_data`` (``"refclef||refcoco||..."``; also
+    ``grefcoco``, whose no-target sentences train towards an all-zero mask, as LISA's)."""
+    from utils.data.grefcoco import GREFCOCO, load_grefcoco_split  # it builds on this module
+
     datasets = {}
     for name in (n.strip() for n in names.split("||") if n.strip()):
+        if name == GREFCOCO:
+            datasets[name] = load_grefcoco_split(dataset_dir, sam_masks_dir, "train")
+            continue
         if name not in SPLIT_BY:
             raise ValueError(
-                f"unknown --refer_seg_data entry {name!r}; expected any of {sorted(SPLIT_BY)}"
+                f"unknown --refer_seg_data entry {name!r}; expected any of "
+                f"{sorted([*SPLIT_BY, GREFCOCO])}"
             )
         datasets[name] = load_refer_split(dataset_dir, sam_masks_dir, name, "train")
     return ReferSegSource(datasets, num_sentences)

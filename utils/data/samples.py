@@ -67,6 +67,8 @@ class SegmentationRecord:
         groups: evaluation groups the image is reported under besides the total (ReasonSeg
             ``short``/``long``, a query type, ...).
         queries: the query text of each conversation, for visualisations.
+        no_target: per mask row, whether its query refers to nothing (gRefCOCO); ``None`` for
+            sets without such queries. Evaluation then also reports N-acc and T-acc.
     """
 
     image_path: Path
@@ -78,6 +80,7 @@ class SegmentationRecord:
     dataset: str
     groups: tuple[str, ...] = ()
     queries: list[str] = field(default_factory=list)
+    no_target: tuple[bool, ...] | None = None
 
 
 @dataclass
