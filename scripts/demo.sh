@@ -12,6 +12,8 @@
 # 5. evaluate  eval.py on the held-out val split, an overlay picture per query
 # 6. report    OUT_DIR/metrics.json: gIoU/cIoU beside chance (a random proposal) and oracle (the
 #              best proposal), per query type; OUT_DIR/vis/*.png
+# 7. export    the trained model (the weights evaluated) as OUT_DIR/export (model/export.py), for
+#              chat.py and the web demo: python app.py --model_dir OUT_DIR/export
 #
 # Every training picture comes with further queries about other objects in it, and each step
 # asks several of them about one picture (one [SEG] round each): the targets differ only by the
@@ -64,7 +66,7 @@ stage() {  # stage NUMBER NAME MESSAGE
   STAGE_NAME=$2
   STAGE_START=$SECONDS
   echo
-  echo "==> [$1/6] $3"
+  echo "==> [$1/7] $3"
 }
 
 stage_done() {
@@ -74,7 +76,7 @@ stage_done() {
 }
 
 rm -rf "$DATASET" "$MASKS" "$OUT/checkpoints" "$OUT/train" "$OUT/eval" "$OUT/vis" \
-  "$OUT/metrics.json"
+  "$OUT/metrics.json" "$OUT/export"
 
 stage 1 generate "synthetic dataset: $NUM_TRAIN train / $NUM_VAL val images of ${IMAGE_SIZE}px"
 "$PYTHON" -m prepare_datasets.prepare_synthetic --out_dir "$DATASET" --seed "$SEED" \
@@ -141,7 +143,12 @@ stage 6 report "chance and oracle of the proposals, per query type"
   --split val --eval_dir "$OUT/eval" --out_dir "$OUT" --top_k_proposals "$TOP_K" \
   --stage_seconds "$STAGES"
 
+stage 7 export "the trained model as an export folder (model/export.py)"
+"$PYTHON" -m model.export --checkpoint "$OUT/train" --which latest --out_dir "$OUT/export"
+stage_done
+
 echo
 echo "metrics:      $OUT/metrics.json"
 echo "pictures:     $OUT/vis/  (query on top; prediction red | ground truth green)"
 echo "tensorboard:  tensorboard --logdir $OUT/train"
+echo "web demo:     python app.py --model_dir $OUT/export"

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from prepare_datasets.synthetic.queries import QUERY_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,3 +68,29 @@ def test_fast_demo_learns_and_writes_its_outputs(tmp_path):
     assert list((out_dir / "train").glob("events.out.tfevents.*"))
     assert "chance" in result.stdout
     assert str(out_dir / "vis") in result.stdout
+
+    # The trained model is exported, and the web demo serves it as the README says.
+    assert (out_dir / "export" / "export_config.json").is_file()
+    assert f"python app.py --model_dir {out_dir / 'export'}" in result.stdout
+    serve_the_export(out_dir, tmp_path)
+
+
+def serve_the_export(out_dir: Path, tmp_path: Path) -> None:
+    """``python app.py --model_dir OUT/export`` (its defaults) answers a round on a val picture."""
+    import app
+    from tests.test_app import ask, free_port
+
+    client_module = pytest.importorskip("gradio_client")
+    picture = sorted((out_dir / "dataset" / "reason_seg" / "ReasonSeg" / "val").glob("*.jpg"))[0]
+    config = app.AppConfig(model_dir=str(out_dir / "export"), port=free_port(),
+                           out_dir=str(tmp_path / "app"))  # fmt: skip
+    page, url = app.main(config, block=False)
+    try:
+        client = client_module.Client(url, verbose=False)
+        overlay, _, answer, _, gallery, _, status = ask(client, picture, "the largest object")
+        assert Path(overlay).is_file()
+        assert answer
+        assert [entry["caption"] for entry in gallery] == ["round 1: the largest object"]
+        assert "Round 1 answered" in status
+    finally:
+        page.close()
