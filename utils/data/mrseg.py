@@ -1,7 +1,8 @@
 """MRSeg (SegLLM's multi-round segmentation conversations), read from the released files unmodified.
 
-Files: ``<dataset_dir>/mrseg/<stem>.json`` (``mr_refcoco_val``, ``mr_refcoco+_val``,
-``mr_refcocog_val``, ``mr_paco_val``), a JSON list of
+Files: ``<dataset_dir>/mrseg/<stem>.json`` (evaluation: ``mr_refcoco_val``, ``mr_refcoco+_val``,
+``mr_refcocog_val``, ``mr_paco_val``; training: ``mr_refcoco{,+,g}``, ``mr_refcoco{,+,g}_hard``,
+``mr_paco``, ``mr_lvis``, ``mr_vg``, ``mr_pascal``), a JSON list of
 ``{"task": "segmentation", "base": ..., "conversations": [turn, ...], "conv_id"?: ...}`` with
 turns ``{"from": "human"|"gpt", "value": str, "ind"?: list[int] | int}``. Read as released (UTF-8,
 else cp1252). ``base`` is ignored (upstream reads it and uses it nowhere); an entry whose ``task``
@@ -42,19 +43,18 @@ What a record holds (one record per usable conversation, ONE list of turns):
 - ``name`` is ``<stem>_<index>`` and ``conversation_index`` the conversation's 0-based position in
   the file (``--pred_dir`` folders use it); ``queries`` are the round texts without tags.
 
-Images and annotations (LISA's layout): tag image paths go through upstream's rewrites
-``val2014`` -> ``train2014`` and ``new_`` -> ``''`` (the IMAGE256 path too: LISA's layout only
-holds train2014, where every refCOCO image is), then the folder maps through
-:data:`IMAGE_FOLDERS` (``coco/val2017`` falls back to ``coco/train2017`` when the file is missing
-there, upstream's missing-file rewrite); the tag's ``<dataset>`` picks the COCO-format file in
-:data:`ANNOTATION_FILES`, where the mask id is the annotation ``id``. Each target annotation must
-belong to the conversation's image (by file name). Proposals come from the image folder's store
-(``coco2014`` for refCOCO), keyed by file name. Adding LVIS is one entry in each table.
+Images and annotations: :mod:`utils.data.mrseg_sources` (the layout under ``--dataset_dir``,
+upstream's path rewrites, the files of each tag ``<dataset>`` key: COCO-format for refCOCO/+/g,
+PACO-LVIS and LVIS, ``key -> RLE`` objects for Visual Genome and PASCAL; train or eval files by
+the conversation file's stem). Each COCO target annotation must belong to the conversation's
+image (by file name). Proposals come from the image folder's store (``coco2014`` for refCOCO,
+``coco2017`` for PACO-LVIS and LVIS, ``vg``, ``voc2010``), keyed by file name.
 
 Behaviour on bad input: a malformed file (not a list, an odd number of turns, a gpt turn without
 exactly one MASK-DECODE, an unknown dataset key or image folder, a target id missing from the
-annotations or of another image, no IMAGE256 in the first turn) is a ``DatasetFormatError`` naming
-the file, the conversation index and the turn (0-based index into ``conversations``). Missing
+annotations or of another image, an RLE key holding no RLE, no IMAGE256 in the first turn) is a
+``DatasetFormatError`` naming the file, the conversation index and the turn (0-based index into
+``conversations``; an RLE that is not one names the annotation file and the key). Missing
 images and images absent from the proposal store stop evaluation (``strict``) or are skipped
 (:func:`~utils.data.dataset_files.keep_available`, called once per proposal store).
 """
@@ -72,6 +72,11 @@ from utils.annotations import load_json
 from utils.data.coco_masks import annotation_masks
 from utils.data.conversation import VALIDATION_ANSWER
 from utils.data.dataset_files import keep_available, open_proposal_store
+from utils.data.mrseg_sources import ANNOTATION_FILES as ANNOTATION_FILES
+from utils.data.mrseg_sources import IMAGE_FOLDERS as IMAGE_FOLDERS
+from utils.data.mrseg_sources import MISSING_FILE_FALLBACK as MISSING_FILE_FALLBACK
+from utils.data.mrseg_sources import AnnotationSources, annotation_split
+from utils.data.mrseg_sources import resolve_image as resolve_image
 from utils.data.references import format_reference
 from utils.data.samples import SegmentationRecord
 from utils.text_files import DatasetFormatError
@@ -83,20 +88,6 @@ TAG = re.compile(r"\[[^\]]+\]")
 TAG_KINDS = ("IMAGE256", "MASK-ENCODE", "BOX-ENCODE", "MASK-DECODE")
 NO_REFERENCE_IND = -1  # the demos' ``ind`` of a later turn without a reference
 
-# tag <dataset> key -> its COCO-format annotation file under --dataset_dir (evaluation files)
-ANNOTATION_FILES = {
-    "refcoco": "refer_seg/refcoco/instances.json",
-    "refcoco+": "refer_seg/refcoco+/instances.json",
-    "refcocog": "refer_seg/refcocog/instances.json",
-    "paco_lvis": "vlpart/paco/annotations/paco_lvis_v1_val.json",
-}
-# tag image folder (after the rewrites) -> (folder under --dataset_dir, proposal store)
-IMAGE_FOLDERS = {
-    "coco/train2014": ("refer_seg/images/mscoco/images/train2014", "coco2014"),
-    "coco/train2017": ("coco/train2017", "coco2017"),
-    "coco/val2017": ("coco/val2017", "coco2017"),
-}
-MISSING_FILE_FALLBACK = {"coco/val2017": "coco/train2017"}
 SKIP_UNRESOLVED = "reference to a mask no earlier round targets"
 SKIP_NOT_SEGMENTATION = "task is not segmentation"
 
@@ -187,7 +178,7 @@ class MRSegRecord(SegmentationRecord):
         conversation_index: 0-based position of the conversation in its file.
         conversation_id: the entry's ``conv_id`` (None when absent).
         references: per round, the earlier rounds (1-based) its question refers to.
-        target_ids: per round, the target's mask id (the COCO annotation id).
+        target_ids: per round, the target's mask id (a COCO annotation id or an RLE key).
     """
 
     conversation_index: int = -1
@@ -455,70 +446,23 @@ def mrseg_report(dataset_dir: str | Path, stem: str) -> MRSegReport:
     return parse_mrseg_file(mrseg_path(dataset_dir, stem))[1]
 
 
-class _Annotations:
-    """The COCO-format files of :data:`ANNOTATION_FILES`, each read once when first needed."""
-
-    def __init__(self, dataset_dir: Path):
-        self.dataset_dir = dataset_dir
-        self.files: dict[str, tuple[Path, dict, dict]] = {}
-
-    def get(self, dataset: str) -> tuple[Path, dict, dict]:
-        """``(path, annotation id -> annotation, image id -> image)`` of a dataset key."""
-        if dataset not in self.files:
-            path = self.dataset_dir / ANNOTATION_FILES[dataset]
-            data = load_json(path, f"{dataset} annotations")
-            try:
-                annotations = {int(a["id"]): a for a in data["annotations"]}
-                images = {int(i["id"]): i for i in data["images"]}
-            except (KeyError, TypeError, ValueError) as error:
-                raise DatasetFormatError(f"{path}: not a COCO-format file ({error!r})") from None
-            self.files[dataset] = (path, annotations, images)
-        return self.files[dataset]
-
-
-def resolve_image(dataset_dir: Path, tag_path: str, where: str) -> tuple[Path, str]:
-    """``(image file, proposal store)`` of a tag image path (upstream's rewrites applied)."""
-    rewritten = tag_path.replace("val2014", "train2014").replace("new_", "")
-    folder, _, name = rewritten.rpartition("/")
-    if folder not in IMAGE_FOLDERS:
-        raise DatasetFormatError(
-            f"{where}: image {tag_path!r} is in an unknown folder; known: {sorted(IMAGE_FOLDERS)}"
-        )
-    local, store = IMAGE_FOLDERS[folder]
-    path = dataset_dir / local / name
-    if folder in MISSING_FILE_FALLBACK and not path.is_file():
-        fallback = dataset_dir / IMAGE_FOLDERS[MISSING_FILE_FALLBACK[folder]][0] / name
-        path = fallback if fallback.is_file() else path
-    return path, store
-
-
 def _record(
-    conversation: MRSegConversation, dataset_dir: Path, path: Path, stem: str, annotations
+    conversation: MRSegConversation,
+    dataset_dir: Path,
+    path: Path,
+    stem: str,
+    sources: AnnotationSources,
 ) -> tuple[MRSegRecord, str]:
     where = f"{path}: conversation {conversation.index}"
     image_path, store = resolve_image(dataset_dir, conversation.image, f"{where}, turn 0")
     segmentations, sizes = [], set()
     for round_ in conversation.rounds:
-        turn_where = f"{where}, turn {round_.turn}"
-        file, by_id, images = annotations.get(round_.target.dataset)
-        target_id = round_.target.mask_id
-        annotation = by_id.get(target_id) if isinstance(target_id, int) else None
-        if annotation is None:
-            raise DatasetFormatError(
-                f"{turn_where}: mask id {round_.target.mask_id!r} is not an annotation of {file}"
-            )
-        image = images.get(int(annotation.get("image_id", -1)), {})
-        if Path(str(image.get("file_name", ""))).name != image_path.name:
-            raise DatasetFormatError(
-                f"{turn_where}: annotation {round_.target.mask_id} of {file} belongs to image "
-                f"{image.get('file_name')!r}, not {image_path.name}"
-            )
-        segmentations.append(annotation.get("segmentation") or [])
-        try:
-            sizes.add((int(image["height"]), int(image["width"])))
-        except (KeyError, TypeError, ValueError):
-            message = f"{file}: image {image_path.name} needs height and width"
-            raise DatasetFormatError(message) from None
+        target = round_.target
+        segmentation, size = sources.target(
+            target.dataset, target.mask_id, image_path.name, f"{where}, turn {round_.turn}"
+        )
+        segmentations.append(segmentation)
+        sizes.add(size)
     if len(sizes) != 1:
         raise DatasetFormatError(f"{where}: its annotation files disagree on the image size")
     record = MRSegRecord(
@@ -556,29 +500,36 @@ def _warn_skipped(report: MRSegReport) -> None:
 
 
 def load_mrseg(
-    dataset_dir: str | Path, stem: str, sam_masks_dir: str | Path | None, strict: bool = True
+    dataset_dir: str | Path,
+    stem: str,
+    sam_masks_dir: str | Path | None,
+    strict: bool = True,
+    split: str | None = None,
 ) -> list[MRSegRecord]:
     """One :class:`MRSegRecord` per usable conversation of ``<dataset_dir>/mrseg/<stem>.json``.
 
     Args:
-        dataset_dir: ``--dataset_dir`` (LISA's layout, see the module doc).
+        dataset_dir: ``--dataset_dir`` (layout: :mod:`utils.data.mrseg_sources`).
         stem: the file's stem, e.g. ``mr_refcoco_val``.
         sam_masks_dir: proposal store root, or ``None`` to skip proposals (scoring PNGs).
         strict: evaluation behaviour for missing images / proposals (stop instead of skip).
+        split: ``"train"`` or ``"eval"`` annotation files; None: from the stem
+            (:func:`~utils.data.mrseg_sources.annotation_split`).
     Raises:
         FileNotFoundError: the file or an annotation file is missing, or (strict) an image or
             its proposals are.
         DatasetFormatError: a malformed file (naming it, the conversation and the turn).
+        ValueError: ``split`` is neither ``"train"`` nor ``"eval"``.
     """
     dataset_dir = Path(dataset_dir)
     path = mrseg_path(dataset_dir, stem)
     stem = path.stem
+    sources = AnnotationSources(dataset_dir, split or annotation_split(stem))
     conversations, report = parse_mrseg_file(path)
     _warn_skipped(report)
-    annotations = _Annotations(dataset_dir)
     by_store: dict[str, list[MRSegRecord]] = {}
     for conversation in conversations:
-        record, store = _record(conversation, dataset_dir, path, stem, annotations)
+        record, store = _record(conversation, dataset_dir, path, stem, sources)
         by_store.setdefault(store, []).append(record)
     kept: list[MRSegRecord] = []
     for store, records in by_store.items():
