@@ -63,10 +63,13 @@ def open_proposal_store(sam_masks_dir: str | os.PathLike | None, store: str):
     try:
         return ProposalReader(Path(sam_masks_dir) / store)
     except FileNotFoundError as error:
-        script = PREPARE_SCRIPTS.get(store, "the prepare script")
-        raise FileNotFoundError(
-            f"{error}; write it with python -m prepare_datasets.{script} (check --sam_masks_dir)"
-        ) from None
+        script = PREPARE_SCRIPTS.get(store)
+        how = (
+            f"write it with python -m prepare_datasets.{script}"
+            if script
+            else f"no prepare script writes the {store!r} store yet"
+        )
+        raise FileNotFoundError(f"{error}; {how} (check --sam_masks_dir)") from None
 
 
 # A training split whose proposal store holds fewer of its images than this stops at start-up
