@@ -202,7 +202,7 @@ class MultiRoundSession:
         hidden, cached = self._run(ids, state, references)
         seg_positions = [i for i, t in enumerate(ids) if t == self.model.seg_token_id]
         position = seg_positions[-1] - 1 - cached  # the state before this round's [SEG]
-        seg = self.model.text_projection(hidden[0, position][None].to(state.pooled.dtype))
+        seg = self.model.text_projection(hidden[0, position][None].to(self.segmenter.dtype))
         relations = None
         if rounds:
             this_round = references.proposal_maps[len(named) - len(rounds) :]

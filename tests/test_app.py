@@ -209,3 +209,17 @@ def test_bad_flags_fail_before_serving(exports, tmp_path):
         serve(exports["single"], tmp_path, examples=str(tmp_path))
     with pytest.raises(ValueError, match="--model_dir is required"):
         app.main(app.AppConfig(), block=False)
+
+
+def test_multi_round_model_in_bf16(exports, scene, tmp_path):
+    """The default precision: the [SEG] state reaches the bf16 text projection in bf16 (the
+    proposal head keeps its own dtype)."""
+    page, url = serve(exports["multi"], tmp_path, precision="bf16")
+    try:
+        client = Client(url, verbose=False)
+        ask(client, scene, "the red box")
+        *_, gallery, _, status = ask(client, scene, "the box right of instance 1 [REF:1]")
+        assert len(gallery) == 2
+        assert "Round 2 answered" in status
+    finally:
+        page.close()
