@@ -12,7 +12,10 @@ Scoring other methods' predictions with the same metric code::
         --out_json scores.json
 
 Writes ``metrics.json`` (gIoU, cIoU, ncIoU, per group: ReasonSeg ``short``/``long``) and a
-per-image CSV.
+per-image CSV. On gRefCOCO (``--val_dataset "grefcoco|unc|val"``) ``--pred_dir`` reads one
+``<sent_id>.png`` per sentence (all zero or missing = "no target") and writes gRefCOCO's gIoU,
+cIoU, N-acc and T-acc (:mod:`utils.grefcoco_scoring`); a model's evaluation adds them under
+``grefcoco`` in ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from model.export import load_exported
 from utils.cli import run_cli
 from utils.config import save_config
 from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, eval_records
+from utils.data.grefcoco import GREFCOCO, load_grefcoco_split, parse_grefcoco_spec
 from utils.data.mrseg import load_mrseg, mrseg_report
 from utils.device import resolve_device, resolve_dtype
 from utils.distributed import init_process_group, is_main_process, launched_as_group
+from utils.grefcoco_scoring import score_grefcoco_predictions
 from utils.legacy_tokenizer import resolve_tokenization
 from utils.logging_setup import setup_logging
 from utils.round_scoring import score_multi_round_predictions
@@ -78,6 +83,10 @@ def main(config: EvalConfig) -> dict:
             records = load_mrseg(config.dataset_dir, stem, None, strict=True)
             report = mrseg_report(config.dataset_dir, stem)
             return score_multi_round_predictions(records, config.pred_dir, out_json, report)
+        if config.val_dataset.split("|")[0].lower() == GREFCOCO:  # one PNG per sentence
+            split_by, split = parse_grefcoco_spec(config.val_dataset)
+            images = load_grefcoco_split(config.dataset_dir, None, split, split_by, strict=True)
+            return score_grefcoco_predictions(images, config.pred_dir, out_json)
         records = eval_records(config, config.val_dataset, with_proposals=False)
         return score_prediction_folder(records, config.pred_dir, out_json)
 
@@ -131,6 +140,8 @@ def main(config: EvalConfig) -> dict:
         metrics["nciou"],
         metrics["num_images"],
     )
+    if "grefcoco" in metrics:  # no-target rows: how often the model rightly answered nothing
+        logger.info("%s: %s", config.val_dataset, metrics["grefcoco"])
     return metrics
 
 

@@ -32,6 +32,7 @@ from utils.config import write_json_atomic
 from utils.data.images import load_rgb_image
 from utils.data.samples import EncodedSample, SegmentationRecord, collate
 from utils.distributed import barrier, is_main_process, rank, world_size
+from utils.grefcoco_metrics import GRefCOCOMetrics
 from utils.masks import resize_nearest
 from utils.metrics import ImageScore, MultiRoundMetrics, SegmentationMetrics
 
@@ -218,6 +219,7 @@ def _score_sample(
     metrics: dict[str, SegmentationMetrics],
     vis_dir: Path | None,
     round_metrics: MultiRoundMetrics | None = None,
+    no_target_metrics: GRefCOCOMetrics | None = None,
 ) -> list[dict]:
     rows = []
     record = sample.record
@@ -235,6 +237,9 @@ def _score_sample(
                 continue
             if round_metrics is not None:
                 round_metrics.update(mask, gt, rounds[r], name)
+            if no_target_metrics is not None and record.no_target is not None:
+                flag = no_target_flag(record, r, len(masks), gt)
+                no_target_metrics.update(mask, gt, flag, name)
             if vis_dir is not None:
                 query = record.queries[r] if r < len(record.queries) else ""
                 save_visualization(
@@ -245,6 +250,15 @@ def _score_sample(
                     f"IoU {score.iou:.2f} | {query}",
                 )
     return rows
+
+
+def no_target_flag(record: SegmentationRecord, r: int, num_rows: int, gt: torch.Tensor) -> bool:
+    """Whether mask row ``r`` of a gRefCOCO record has no target. When the encoder dropped a
+    conversation (too long), rows no longer line up with ``record.no_target``; an empty ``gt``
+    (``(H, W)``) then stands for it."""
+    if len(record.no_target) == num_rows:
+        return record.no_target[r]
+    return not bool((gt == 1).any())
 
 
 def _row(score: ImageScore, record: SegmentationRecord, r: int, selected: int, k: int) -> dict:
@@ -267,6 +281,7 @@ def _score_unusable(
     round_metrics: MultiRoundMetrics,
     per_round: bool = True,
     head: str = "proposals",
+    no_target_metrics: GRefCOCOMetrics | None = None,
 ) -> list[dict]:
     """A record whose prompt did not fit: every target scored against an empty prediction."""
     image = load_rgb_image(record.image_path)
@@ -283,6 +298,8 @@ def _score_unusable(
         score = metrics.update(np.zeros_like(gt), gt, f"{record.name}_{r}", record.groups)
         if multi_round:
             round_metrics.update(np.zeros_like(gt), gt, rounds[r], f"{record.name}_{r}")
+        if no_target_metrics is not None and record.no_target is not None:
+            no_target_metrics.update(np.zeros_like(gt), gt, record.no_target[r], record.name)
         rows.append({**_row(score, record, r, 0, 0), "head": head})
     return rows
 
@@ -313,7 +330,9 @@ def evaluate(
         history: what references read in multi-round conversations: ``gt``, ``none`` (both as
             the dataset's encoder wrote them) or ``predicted`` (see the module docstring).
     Returns:
-        The metrics (``giou``, ``ciou``, ``nciou``, ``num_images`` and per-group entries).
+        The metrics (``giou``, ``ciou``, ``nciou``, ``num_images`` and per-group entries; on
+        gRefCOCO also ``n_acc``, ``t_acc``, ``num_no_target`` and ``grefcoco``: every number
+        of :class:`~utils.grefcoco_metrics.GRefCOCOMetrics`).
     """
     out_dir = Path(out_dir)
     was_training = model.training
@@ -321,6 +340,7 @@ def evaluate(
     heads = HEAD_MASKS[getattr(model, "mask_head", "proposals")]
     metrics = {head: SegmentationMetrics() for head in heads}
     round_metrics = MultiRoundMetrics()
+    no_target_metrics = GRefCOCOMetrics()  # used by records that flag no-target rows
     rows: list[dict] = []
     indices = range(rank(), len(dataset), world_size())
     no_proposals = 0
@@ -328,7 +348,11 @@ def evaluate(
         item = dataset[index]
         if isinstance(item, SegmentationRecord):
             for head in heads:
-                rows += _score_unusable(item, metrics[head], round_metrics, head == heads[0], head)
+                primary = head == heads[0]
+                rows += _score_unusable(
+                    item, metrics[head], round_metrics, primary, head,
+                    no_target_metrics if primary else None,
+                )  # fmt: skip
             continue
         if item.proposal_masks.shape[0] == 0 and "proposals" in heads:
             no_proposals += 1
@@ -341,7 +365,7 @@ def evaluate(
         masks_by_head = {head: head_masks(item, output, selection, head) for head in heads}
         rows += _score_sample(
             item, masks_by_head, metrics, vis_dir,
-            round_metrics if is_multi_round(item) else None,
+            round_metrics if is_multi_round(item) else None, no_target_metrics,
         )  # fmt: skip
     if no_proposals:
         logger.warning("%d images had no proposals and were scored as empty masks", no_proposals)
@@ -363,6 +387,11 @@ def evaluate(
         round_metrics.all_reduce(max(int(r) for r in rounds))
         results.update(round_metrics.summary())
         results["history"] = history
+    if _gather_union(["grefcoco"] if no_target_metrics.totals.num_samples else []):
+        no_target_metrics.all_reduce()
+        results["grefcoco"] = no_target_metrics.compute()
+        for key in ("n_acc", "t_acc", "num_no_target"):
+            results[key] = results["grefcoco"][key]
     if is_main_process():
         write_json_atomic(results, out_dir / f"{prefix}metrics.json")
         _write_csv(all_rows, out_dir / f"{prefix}per_image.csv")
