@@ -15,6 +15,8 @@
 #              with the references removed (single-round LLM-Seg reading "object 1" in words)
 # 7. report    OUT_DIR/metrics.json per round and history, referring rounds, chance and oracle,
 #              per relation; OUT_DIR/vis/ one strip per conversation
+# 8. export    the trained SegLLM model as OUT_DIR/export, for chat.py --multi_round and the web
+#              demo: python app.py --model_dir OUT_DIR/export
 #
 # Sizes come from the environment (DEMO_NUM_TRAIN, DEMO_EPOCHS, ...; see below); the test suite runs
 # a small variant. A rerun starts over.
@@ -54,7 +56,7 @@ stage() {
   STAGE_NAME=$2
   STAGE_START=$SECONDS
   echo
-  echo "==> [$1/7] $3"
+  echo "==> [$1/8] $3"
 }
 stage_done() {
   local seconds=$((SECONDS - STAGE_START))
@@ -63,7 +65,7 @@ stage_done() {
 }
 
 rm -rf "$DATASET" "$MASKS" "$OUT/checkpoints" "$OUT/train" "$OUT/train_baseline" "$OUT"/eval_* \
-  "$OUT/vis" "$OUT/metrics.json"
+  "$OUT/vis" "$OUT/metrics.json" "$OUT/export"
 
 stage 1 generate "synthetic conversations: $NUM_TRAIN train / $NUM_VAL val pictures of ${IMAGE_SIZE}px"
 "$PYTHON" -m prepare_datasets.prepare_synthetic --out_dir "$DATASET" --seed "$SEED" \
@@ -138,6 +140,11 @@ stage 7 report "per round and history, referring rounds, chance and oracle"
   --split val --eval_dirs "$EVAL_DIRS" "${BASELINE_ARGS[@]}" --out_dir "$OUT" \
   --top_k_proposals "$TOP_K" --stage_seconds "$STAGES"
 
+stage 8 export "the trained model as an export folder (model/export.py)"
+"$PYTHON" -m model.export --checkpoint "$OUT/train" --which latest --out_dir "$OUT/export"
+stage_done
+
 echo
 echo "metrics:      $OUT/metrics.json"
 echo "pictures:     $OUT/vis/  (one strip per conversation; referenced objects outlined)"
+echo "web demo:     python app.py --model_dir $OUT/export"

@@ -54,3 +54,5 @@ def test_fast_multiround_demo(tmp_path):
     assert 0 < len(strips) <= 20
     assert strips[0].stat().st_size > 1000
     assert "referring" in result.stdout
+    manifest = json.loads((out_dir / "export" / "export_config.json").read_text())
+    assert manifest["model"]["mask_encoder"] == "pooled", manifest
