@@ -38,6 +38,7 @@ from utils.distributed import init_process_group, is_main_process, launched_as_g
 from utils.grefcoco_scoring import score_grefcoco_predictions
 from utils.legacy_tokenizer import resolve_tokenization
 from utils.logging_setup import setup_logging
+from utils.prediction_png import PredictionReading
 from utils.round_scoring import score_multi_round_predictions
 from utils.run_checkpoints import load_trainable_weights
 
@@ -70,6 +71,21 @@ class EvalConfig(LLMSegConfig, DataConfig):
         default="", metadata={"help": "score <stem>.png masks from this folder instead"}
     )
     out_json: str = field(default="", metadata={"help": "--pred_dir mode: where the JSON goes"})
+    pred_threshold: float = field(
+        default=-1.0,
+        metadata={"help": "--pred_dir: read soft masks, foreground above T x the maximum "
+                  "(default: a PNG with more than two values is an error)"},
+    )  # fmt: skip
+    resize_preds: bool = field(
+        default=False,
+        metadata={"help": "--pred_dir: resize PNGs of another size to their image (nearest; "
+                  "default: an error)"},
+    )  # fmt: skip
+
+
+def _reading(config: EvalConfig) -> PredictionReading:
+    threshold = config.pred_threshold if config.pred_threshold >= 0 else None
+    return PredictionReading(threshold=threshold, resize=config.resize_preds)
 
 
 def main(config: EvalConfig) -> dict:
@@ -82,13 +98,15 @@ def main(config: EvalConfig) -> dict:
             stem = config.val_dataset.split("|", 1)[1]
             records = load_mrseg(config.dataset_dir, stem, None, strict=True)
             report = mrseg_report(config.dataset_dir, stem)
-            return score_multi_round_predictions(records, config.pred_dir, out_json, report)
+            return score_multi_round_predictions(
+                records, config.pred_dir, out_json, report, _reading(config)
+            )
         if config.val_dataset.split("|")[0].lower() == GREFCOCO:  # one PNG per sentence
             split_by, split = parse_grefcoco_spec(config.val_dataset)
             images = load_grefcoco_split(config.dataset_dir, None, split, split_by, strict=True)
-            return score_grefcoco_predictions(images, config.pred_dir, out_json)
+            return score_grefcoco_predictions(images, config.pred_dir, out_json, _reading(config))
         records = eval_records(config, config.val_dataset, with_proposals=False)
-        return score_prediction_folder(records, config.pred_dir, out_json)
+        return score_prediction_folder(records, config.pred_dir, out_json, _reading(config))
 
     if not config.checkpoint and not config.model_dir:
         raise ValueError("--checkpoint or --model_dir is required (or --pred_dir for saved masks)")

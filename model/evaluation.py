@@ -35,6 +35,7 @@ from utils.distributed import barrier, is_main_process, rank, world_size
 from utils.grefcoco_metrics import GRefCOCOMetrics
 from utils.masks import resize_nearest
 from utils.metrics import ImageScore, MultiRoundMetrics, SegmentationMetrics
+from utils.prediction_png import STRICT, PredictionReading, read_prediction_png
 
 logger = logging.getLogger(__name__)
 
@@ -428,12 +429,16 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 
 def score_prediction_folder(
-    records: list[SegmentationRecord], pred_dir: str | os.PathLike, out_json: str | os.PathLike
+    records: list[SegmentationRecord],
+    pred_dir: str | os.PathLike,
+    out_json: str | os.PathLike,
+    reading: PredictionReading = STRICT,
 ) -> dict:
     """Score binary mask PNGs written by any method with the same metric code.
 
-    One PNG per image, named ``<image stem>.png`` (nonzero = foreground, any size: resized
-    nearest to the GT). A missing PNG counts as an empty prediction and is listed in the output.
+    One PNG per image, named ``<image stem>.png``, read by
+    :func:`~utils.prediction_png.read_prediction_png` (its image's size and binary, unless
+    ``reading`` allows otherwise). A missing PNG counts as an empty prediction and is listed.
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -445,10 +450,7 @@ def score_prediction_folder(
         gts = record.masks(*image.shape[:2])
         path = pred_dir / f"{record.name}.png"
         if path.is_file():
-            pred = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if pred is None:
-                raise ValueError(f"{path}: unreadable PNG")
-            pred = pred if pred.ndim == 2 else pred.max(axis=2)
+            pred = read_prediction_png(path, image.shape[:2], reading)
         else:
             missing.append(path.name)
             pred = np.zeros(image.shape[:2], np.uint8)

@@ -18,14 +18,13 @@ import logging
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from utils.annotations import oriented_size
 from utils.config import write_json_atomic
 from utils.data.coco_masks import union_masks
 from utils.grefcoco_metrics import GRefCOCOMetrics
-from utils.text_files import DatasetFormatError
+from utils.prediction_png import STRICT, PredictionReading, read_prediction_png
 
 logger = logging.getLogger(__name__)
 
@@ -34,22 +33,11 @@ CSV_FIELDS = [
 ]  # fmt: skip
 
 
-def read_mask_png(path: Path) -> np.ndarray:
-    """``(h, w)`` mask of a prediction PNG: the maximum over its colour channels (any bit depth).
-
-    Raises:
-        DatasetFormatError: the file is not a readable image (the message names it).
-    """
-    pred = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if pred is None:
-        raise DatasetFormatError(f"{path}: unreadable PNG")
-    if pred.ndim == 3:  # BGR or BGRA (grey + alpha is read as BGRA): colours only
-        pred = pred[..., :3].max(axis=2)
-    return pred
-
-
 def score_grefcoco_predictions(
-    images: list, pred_dir: str | os.PathLike, out_json: str | os.PathLike
+    images: list,
+    pred_dir: str | os.PathLike,
+    out_json: str | os.PathLike,
+    reading: PredictionReading = STRICT,
 ) -> dict:
     """Score ``<pred_dir>/<sent_id>.png`` against every sentence of ``images``.
 
@@ -58,6 +46,7 @@ def score_grefcoco_predictions(
             and ``no_target``), as :func:`~utils.data.grefcoco.load_grefcoco_split` gives them.
         pred_dir: the prediction folder.
         out_json: where the metrics JSON goes (the CSV is written beside it).
+        reading: how PNGs of another size or soft masks are read (default: an error).
     Returns:
         :meth:`GRefCOCOMetrics.compute` plus ``missing_predictions`` (sent_ids, ascending).
     Raises:
@@ -80,7 +69,7 @@ def score_grefcoco_predictions(
         ):
             path = pred_dir / f"{sent_id}.png"
             if path.is_file():
-                pred = read_mask_png(path)
+                pred = read_prediction_png(path, (height, width), reading)
             else:
                 missing.append(sent_id)
                 pred = np.zeros((height, width), np.uint8)

@@ -19,12 +19,12 @@ import logging
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from utils.annotations import oriented_size
 from utils.config import write_json_atomic
 from utils.metrics import MultiRoundMetrics
+from utils.prediction_png import STRICT, PredictionReading, read_prediction_png
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +34,6 @@ SUMMARY_FIELDS = ["round", "giou", "ciou", "p_at_05", "count"]
 def prediction_path(conversation_index: int, round_index: int) -> str:
     """``<conversation index>/round_<k>.png``, relative to the prediction folder."""
     return f"{conversation_index}/round_{round_index}.png"
-
-
-def read_prediction(path: Path) -> np.ndarray:
-    """``(h, w)`` uint8 mask PNG (the maximum over channels when it has several).
-
-    Raises:
-        ValueError: the file is not a readable image (the message names it).
-    """
-    pred = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if pred is None:
-        raise ValueError(f"{path}: unreadable PNG")
-    return pred if pred.ndim == 2 else pred.max(axis=2)
 
 
 def _write_csv(rows: list[dict], fields: list[str], path: Path) -> None:
@@ -58,7 +46,11 @@ def _write_csv(rows: list[dict], fields: list[str], path: Path) -> None:
 
 
 def score_multi_round_predictions(
-    records: list, pred_dir: str | os.PathLike, out_json: str | os.PathLike, report=None
+    records: list,
+    pred_dir: str | os.PathLike,
+    out_json: str | os.PathLike,
+    report=None,
+    reading: PredictionReading = STRICT,
 ) -> dict:
     """Score ``<pred_dir>/<index>/round_<k>.png`` against the records' per-round targets.
 
@@ -67,6 +59,7 @@ def score_multi_round_predictions(
         pred_dir: the prediction folder.
         out_json: where the metrics JSON goes (the CSVs are written beside it).
         report: the file's ``MRSegReport`` (its skipped conversations go into the JSON).
+        reading: how PNGs of another size or soft masks are read (default: an error).
     Returns:
         The summary of :meth:`MultiRoundMetrics.summary` plus ``missing`` (paths relative to
         ``pred_dir``) and ``num_conversations``.
@@ -82,7 +75,7 @@ def score_multi_round_predictions(
         for round_index, gt in enumerate(targets, start=1):
             relative = prediction_path(record.conversation_index, round_index)
             if (pred_dir / relative).is_file():
-                pred = read_prediction(pred_dir / relative)
+                pred = read_prediction_png(pred_dir / relative, (height, width), reading)
             else:
                 missing.append(relative)
                 pred = np.zeros((height, width), np.uint8)
