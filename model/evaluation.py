@@ -436,7 +436,8 @@ def score_prediction_folder(
 ) -> dict:
     """Score binary mask PNGs written by any method with the same metric code.
 
-    One PNG per image, named ``<image stem>.png``, read by
+    One PNG per image, named ``<image stem>.png`` (sets with several expressions per image, the
+    refer sets: one per expression, ``<sent_id>.png``), read by
     :func:`~utils.prediction_png.read_prediction_png` (its image's size and binary, unless
     ``reading`` allows otherwise). A missing PNG counts as an empty prediction and is listed.
     """
@@ -448,13 +449,15 @@ def score_prediction_folder(
     for record in tqdm(records, desc="score predictions", mininterval=5):
         image = load_rgb_image(record.image_path)
         gts = record.masks(*image.shape[:2])
-        path = pred_dir / f"{record.name}.png"
-        if path.is_file():
-            pred = read_prediction_png(path, image.shape[:2], reading)
-        else:
-            missing.append(path.name)
-            pred = np.zeros(image.shape[:2], np.uint8)
+        names = record.prediction_names or (record.name,) * len(gts)
         for r, gt in enumerate(gts):
+            path = pred_dir / f"{names[r]}.png"
+            if path.is_file():
+                pred = read_prediction_png(path, image.shape[:2], reading)
+            else:
+                if path.name not in missing[-len(gts) :]:  # a per-image PNG is listed once
+                    missing.append(path.name)
+                pred = np.zeros(image.shape[:2], np.uint8)
             score = metrics.update(pred, gt, record.name, record.groups)
             rows.append(_row(score, record, r, 0, 0))
     if missing:

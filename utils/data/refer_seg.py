@@ -67,7 +67,8 @@ class ReferImage:
     ``sentences[i]`` refers to the union of ``segmentations[i]``, a list of COCO
     ``segmentation`` fields annotated at ``(height, width)`` (one for refCOCO; gRefCOCO's
     multi-target refs have several and its no-target refs none); sentences of the same ref
-    share one list. gRefCOCO also fills ``sentence_ids`` (each sentence's ``sent_id``) and
+    share one list. ``sentence_ids`` holds each sentence's ``sent_id`` (when the refs give them;
+    they name the ``--pred_dir`` PNGs, one per expression); gRefCOCO also fills
     ``no_target`` (whether it refers to nothing).
     """
 
@@ -105,12 +106,13 @@ def _load_refs(path: Path) -> list[dict]:
         raise DatasetFormatError(f"{path}: not a refer refs pickle ({error})") from None
 
 
-def _ref_sentences(ref: dict, path: Path, index: int) -> list[str]:
+def _ref_sentences(ref: dict, path: Path, index: int) -> list[tuple[int | None, str]]:
+    """``(sent_id, text)`` of each non-empty sentence (``sent_id`` ``None`` when absent)."""
     try:
-        sentences = [str(s["sent"]).strip() for s in ref["sentences"]]
-    except (KeyError, TypeError):
+        sentences = [(s.get("sent_id"), str(s["sent"]).strip()) for s in ref["sentences"]]
+    except (KeyError, TypeError, AttributeError):
         raise DatasetFormatError(f"{path}: refs[{index}] needs sentences[].sent") from None
-    return [s for s in sentences if s]
+    return [(sent_id, text) for sent_id, text in sentences if text]
 
 
 def load_refer_split(
@@ -143,6 +145,7 @@ def load_refer_split(
     except (KeyError, TypeError, ValueError) as error:
         raise DatasetFormatError(f"{instances_path}: not a COCO-format file ({error!r})") from None
     by_image: dict[int, tuple[list, list]] = {}
+    sent_ids: dict[int, list] = {}
     for index, ref in enumerate(refs):
         if not isinstance(ref, dict) or ref.get("split") != split:
             continue
@@ -159,7 +162,8 @@ def load_refer_split(
         sentences = _ref_sentences(ref, refs_path, index)
         texts, segs = by_image.setdefault(image_id, ([], []))
         segmentation = annotations[ann_id].get("segmentation") or []
-        texts += sentences
+        texts += [text for _, text in sentences]
+        sent_ids.setdefault(image_id, []).extend(sent_id for sent_id, _ in sentences)
         segs += [[segmentation]] * len(sentences)
     if not by_image:
         known = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
@@ -182,8 +186,19 @@ def load_refer_split(
             message = f"{instances_path}: image {image_id} needs file_name, height and width"
             raise DatasetFormatError(message) from None
         key = saiapr_key(file_name) if is_clef else Path(file_name).name
+        ids = sent_ids[image_id]
         items.append(
-            ReferImage(name, image_dir / file_name, key, height, width, texts, segs, proposals)
+            ReferImage(
+                name,
+                image_dir / file_name,
+                key,
+                height,
+                width,
+                texts,
+                segs,
+                proposals,
+                sentence_ids=ids if all(i is not None for i in ids) else None,
+            )  # fmt: skip
         )
     items = keep_available(
         items, f"{name}|{split_by}|{split}", lambda i: i.image_path, proposals,
@@ -212,6 +227,9 @@ def _record(image: ReferImage, conversations, rows: list[int], texts) -> Segment
         dataset=image.dataset,
         queries=list(texts),
         no_target=tuple(image.no_target[r] for r in rows) if image.no_target else None,
+        prediction_names=(
+            tuple(str(image.sentence_ids[r]) for r in rows) if image.sentence_ids else None
+        ),
     )
 
 

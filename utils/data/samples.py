@@ -69,6 +69,8 @@ class SegmentationRecord:
         queries: the query text of each conversation, for visualisations.
         no_target: per mask row, whether its query refers to nothing (gRefCOCO); ``None`` for
             sets without such queries. Evaluation then also reports N-acc and T-acc.
+        prediction_names: per mask row, the stem of its ``--pred_dir`` PNG (refer sets: the
+            sentence's ``sent_id``, one PNG per expression); ``None``: ``name`` for every row.
     """
 
     image_path: Path
@@ -81,6 +83,7 @@ class SegmentationRecord:
     groups: tuple[str, ...] = ()
     queries: list[str] = field(default_factory=list)
     no_target: tuple[bool, ...] | None = None
+    prediction_names: tuple[str, ...] | None = None
 
 
 @dataclass

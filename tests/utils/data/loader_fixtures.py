@@ -180,11 +180,13 @@ def write_refer(root: Path, masks_dir: Path, name: str = "refcoco", split_by: st
     }  # fmt: skip
     refs = [
         {"ref_id": 10, "ann_id": 7, "image_id": 1, "split": "train",
-         "sentences": [{"sent": "The Left Box "}, {"sent": "box on the left"}]},
+         "sentences": [{"sent": "The Left Box ", "sent_id": 21},
+                       {"sent": "box on the left", "sent_id": 22}]},
         {"ref_id": 11, "ann_id": 8, "image_id": 1, "split": "train",
-         "sentences": [{"sent": "right shape"}]},
+         "sentences": [{"sent": "right shape", "sent_id": 23}]},
         {"ref_id": 12, "ann_id": 9, "image_id": 2, "split": "val",
-         "sentences": [{"sent": "Middle Strip"}, {"sent": "the strip"}]},
+         "sentences": [{"sent": "Middle Strip", "sent_id": 31},
+                       {"sent": "the strip", "sent_id": 32}]},
     ]  # fmt: skip
     folder = root / "refer_seg" / name
     folder.mkdir(parents=True, exist_ok=True)

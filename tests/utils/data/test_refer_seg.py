@@ -6,9 +6,11 @@ import random
 import shutil
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 
+from model.evaluation import score_prediction_folder
 from tests.utils.data.loader_fixtures import (
     HEIGHT,
     WIDTH,
@@ -97,6 +99,23 @@ def test_upstream_val_layout_dataset_dir_is_the_refer_folder(refer):
     assert len(eval_records(config, "refcoco|unc|val")) == 1
     with pytest.raises(FileNotFoundError, match="refer dataset 'refcocog' not found"):
         refer_root(refer[0], "refcocog")
+
+
+def test_pred_dir_takes_one_png_per_expression(refer, tmp_path):
+    config = SimpleNamespace(dataset_dir=refer[0], sam_masks_dir=refer[1])
+    (record,) = eval_records(config, "refcoco|unc|val", with_proposals=False)
+    assert record.prediction_names == ("31", "32")
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    strip = (box(5, 5, 25, 15) * 255).astype(np.uint8)
+    cv2.imwrite(str(preds / "31.png"), strip)  # right for "Middle Strip"
+    cv2.imwrite(str(preds / "32.png"), np.zeros_like(strip))  # empty for "the strip"
+    results = score_prediction_folder([record], preds, tmp_path / "scores.json")
+    assert results["giou"] == pytest.approx(0.5)
+    assert results["missing_predictions"] == []
+    (preds / "32.png").unlink()
+    results = score_prediction_folder([record], preds, tmp_path / "scores.json")
+    assert results["missing_predictions"] == ["32.png"]
 
 
 def test_scoring_without_proposals(refer):
