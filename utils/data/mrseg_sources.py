@@ -35,14 +35,19 @@ Layout under ``--dataset_dir`` (LISA's where it has the data, upstream's folder 
     vg/vg_masks_train_new.json                              visual_genome (train and eval)
     vg/VG_100K/, vg/VG_100K_2/                              [vg/]VG_100K[_2] (store vg)
     pascal/pascal_labels.json, pascal_labels_val.json       pascal
-    pascal/<VOC2010 image>.jpg                              pascal (store voc2010)
+    vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages/        pascal[/VOCdevkit/VOC2010/JPEGImages]
+                                                            (store voc2010)
 
 Image paths (:func:`resolve_image`): upstream's rewrites ``val2014`` -> ``train2014``,
 ``new_`` -> ``''`` and, for a path containing ``VG_100K``, the ``vg/`` folder in front
 (upstream prefixes its image folder with ``vg``; a path already starting with ``vg/`` keeps
 it), applied to the IMAGE256 path too; then the folder maps through :data:`IMAGE_FOLDERS`, and
 ``coco/val2017`` falls back to ``coco/train2017`` when the file is missing there (upstream's
-missing-file rewrite; LVIS val holds images of both).
+missing-file rewrite; LVIS val holds images of both). PASCAL's images are VOC2010's, which LISA
+keeps (and ``prepare_voc2010`` reads for the ``voc2010`` store) in
+``vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages``; upstream's ``images_folder/pascal`` is the
+unpacked VOC tar, so a tag may name ``pascal/<file>`` or ``pascal/VOCdevkit/VOC2010/JPEGImages/
+<file>`` (the released files were not available to check which): both read LISA's folder.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ ANNOTATION_FILES = {
     "visual_genome": _same("vg/vg_masks_train_new.json"),
     "pascal": AnnotationFiles("pascal/pascal_labels.json", "pascal/pascal_labels_val.json"),
 }
+VOC2010_IMAGES = "vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages"  # LISA's, as prepare_voc2010
 # tag image folder (after the rewrites) -> (folder under --dataset_dir, proposal store)
 IMAGE_FOLDERS = {
     "coco/train2014": ("refer_seg/images/mscoco/images/train2014", "coco2014"),
@@ -86,7 +92,8 @@ IMAGE_FOLDERS = {
     "coco/val2017": ("coco/val2017", "coco2017"),
     "vg/VG_100K": ("vg/VG_100K", "vg"),
     "vg/VG_100K_2": ("vg/VG_100K_2", "vg"),
-    "pascal": ("pascal", "voc2010"),
+    "pascal": (VOC2010_IMAGES, "voc2010"),
+    "pascal/VOCdevkit/VOC2010/JPEGImages": (VOC2010_IMAGES, "voc2010"),
 }
 MISSING_FILE_FALLBACK = {"coco/val2017": "coco/train2017"}
 SPLITS = ("train", "eval")

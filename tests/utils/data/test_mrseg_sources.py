@@ -28,6 +28,7 @@ LVIS_FALLBACK_IMAGE = "000000000043.jpg"  # an LVIS val image of COCO train2017
 LVIS_TRAIN_IMAGE = "000000000044.jpg"
 VG_IMAGES = ("2345.jpg", "2346.jpg")  # VG_100K, VG_100K_2
 PASCAL_IMAGE = "2008_000123.jpg"
+VOC2010 = "vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages"  # LISA's, the voc2010 store's
 
 
 def conversation(image: str, dataset: str, ids: tuple, image256: str | None = None) -> dict:
@@ -128,7 +129,7 @@ def write_pascal(root: Path) -> None:
     files = {"pascal_labels.json": PASCAL_TRAIN, "pascal_labels_val.json": PASCAL_VAL}
     for name, masks in files.items():
         (root / "pascal" / name).write_text(json.dumps({k: rle(m) for k, m in masks.items()}))
-    write_image(root / "pascal" / PASCAL_IMAGE)
+    write_image(root / VOC2010 / PASCAL_IMAGE)
 
 
 def check_record(record, questions=EXPECTED_QUESTIONS, answers=EXPECTED_ANSWERS) -> None:
@@ -209,7 +210,7 @@ def test_pascal_train_and_val_files(tmp_path):
         write_mrseg(root, stem, [conversation(f"pascal/{PASCAL_IMAGE}", "pascal", keys)])
     (train,) = load_mrseg(root, "mr_pascal", masks_dir)
     check_record(train)
-    assert train.image_path == root / "pascal" / PASCAL_IMAGE
+    assert train.image_path == root / VOC2010 / PASCAL_IMAGE
     assert train.proposals.num_proposals(PASCAL_IMAGE) == 4
     assert train.target_ids == list(keys)
     np.testing.assert_array_equal(train.masks(HEIGHT, WIDTH), np.stack(list(PASCAL_TRAIN.values())))
@@ -218,6 +219,12 @@ def test_pascal_train_and_val_files(tmp_path):
     np.testing.assert_array_equal(val.masks(HEIGHT, WIDTH), np.stack(list(PASCAL_VAL.values())))
     (forced,) = load_mrseg(root, "mr_pascal", None, split="eval")
     np.testing.assert_array_equal(forced.masks(HEIGHT, WIDTH), val.masks(HEIGHT, WIDTH))
+    # upstream's images_folder/pascal is the unpacked VOC tar: that tag form reads LISA's folder
+    tar_path = f"pascal/VOCdevkit/VOC2010/JPEGImages/{PASCAL_IMAGE}"
+    write_mrseg(root, "mr_pascal_tar", [conversation(tar_path, "pascal", keys)])
+    (tar,) = load_mrseg(root, "mr_pascal_tar", masks_dir)
+    assert (tar.image_path, tar.proposal_key) == (root / VOC2010 / PASCAL_IMAGE, PASCAL_IMAGE)
+    np.testing.assert_array_equal(tar.masks(HEIGHT, WIDTH), train.masks(HEIGHT, WIDTH))
 
 
 def broken(root: Path, stem: str, image: str, dataset: str, target) -> Path:
