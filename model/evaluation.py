@@ -15,7 +15,6 @@ tokens; attention is causal, so after ``R`` passes every round read only predict
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import os
@@ -28,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from model.heads.selection import select_mask
-from utils.config import write_json_atomic
+from utils.config import write_csv_atomic, write_json_atomic
 from utils.data.images import load_rgb_image
 from utils.data.samples import EncodedSample, SegmentationRecord, collate
 from utils.distributed import barrier, is_main_process, rank, world_size
@@ -418,14 +417,8 @@ def _gather_rows(rows: list[dict]) -> list[dict]:
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     fields = list(rows[0]) if rows else ["name", "iou"]
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda row: row["name"]))
-    os.replace(tmp, path)
+    write_csv_atomic(sorted(rows, key=lambda row: row["name"]), fields, path)
 
 
 def score_prediction_folder(

@@ -9,6 +9,7 @@ accepted too, for upstream spellings such as ``--vision-tower``); booleans get b
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import os
@@ -151,6 +152,19 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv_atomic(rows: list[dict], fields: list[str], path: str | os.PathLike) -> Path:
+    """Write ``rows`` (dicts keyed by ``fields``) as CSV through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
     os.replace(tmp, path)
     return path
 

@@ -13,7 +13,6 @@ Writes ``out_json`` (``giou``, ``ciou``, ``n_acc``, ``t_acc``, ``num_samples``,
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.annotations import oriented_size
-from utils.config import write_json_atomic
+from utils.config import write_csv_atomic, write_json_atomic
 from utils.data.coco_masks import union_masks
 from utils.grefcoco_metrics import GRefCOCOMetrics
 from utils.prediction_png import STRICT, PredictionReading, read_prediction_png
@@ -89,7 +88,7 @@ def score_grefcoco_predictions(
     results = metrics.compute()
     results["missing_predictions"] = sorted(missing)
     write_json_atomic(results, out_json)
-    _write_csv(rows, out_json.with_suffix(".csv"))
+    write_csv_atomic(rows, CSV_FIELDS, out_json.with_suffix(".csv"))
     logger.info(
         "grefcoco: gIoU %s  cIoU %s  N-acc %s  T-acc %s  (%d sentences, %d no-target)",
         *(_as_text(results[k]) for k in ("giou", "ciou", "n_acc", "t_acc")),
@@ -100,13 +99,3 @@ def score_grefcoco_predictions(
 
 def _as_text(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)

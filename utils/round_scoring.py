@@ -14,7 +14,6 @@ and ``ind`` mismatches), ``<out_json stem>.csv`` (one row per round, then ``2+``
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.annotations import oriented_size
-from utils.config import write_json_atomic
+from utils.config import write_csv_atomic, write_json_atomic
 from utils.metrics import MultiRoundMetrics
 from utils.prediction_png import STRICT, PredictionReading, read_prediction_png
 
@@ -34,15 +33,6 @@ SUMMARY_FIELDS = ["round", "giou", "ciou", "p_at_05", "count"]
 def prediction_path(conversation_index: int, round_index: int) -> str:
     """``<conversation index>/round_<k>.png``, relative to the prediction folder."""
     return f"{conversation_index}/round_{round_index}.png"
-
-
-def _write_csv(rows: list[dict], fields: list[str], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def score_multi_round_predictions(
@@ -89,7 +79,7 @@ def score_multi_round_predictions(
         results["conversation_file"] = report.as_dict()
     write_json_atomic(results, out_json)
     totals = [{"round": "2+", **results["rounds_2plus"]}, {"round": "all", **results["overall"]}]
-    _write_csv(results["per_round"] + totals, SUMMARY_FIELDS, out_json.with_suffix(".csv"))
+    write_csv_atomic(results["per_round"] + totals, SUMMARY_FIELDS, out_json.with_suffix(".csv"))
     per_mask = [
         {
             "name": s.name, "round": s.round, "iou": round(s.iou, 6),
@@ -99,5 +89,5 @@ def score_multi_round_predictions(
         for s in metrics.scores
     ]  # fmt: skip
     fields = list(per_mask[0]) if per_mask else ["name", "round"]
-    _write_csv(per_mask, fields, out_json.with_name(out_json.stem + "_per_mask.csv"))
+    write_csv_atomic(per_mask, fields, out_json.with_name(out_json.stem + "_per_mask.csv"))
     return results
