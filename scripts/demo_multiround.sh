@@ -51,18 +51,9 @@ cd "$REPO"
 
 DATASET="$OUT/dataset"
 MASKS="$OUT/sam_masks"
-STAGES=""
-stage() {
-  STAGE_NAME=$2
-  STAGE_START=$SECONDS
-  echo
-  echo "==> [$1/8] $3"
-}
-stage_done() {
-  local seconds=$((SECONDS - STAGE_START))
-  STAGES="${STAGES:+$STAGES,}$STAGE_NAME=$seconds"
-  echo "    $STAGE_NAME done in ${seconds}s"
-}
+NUM_STAGES=8
+# shellcheck source=scripts/lib/demo_stages.sh
+source "$REPO/scripts/lib/demo_stages.sh"
 
 rm -rf "$DATASET" "$MASKS" "$OUT/checkpoints" "$OUT/train" "$OUT/train_baseline" "$OUT"/eval_* \
   "$OUT/vis" "$OUT/metrics.json" "$OUT/export"
@@ -74,27 +65,7 @@ stage 1 generate "synthetic conversations: $NUM_TRAIN train / $NUM_VAL val pictu
 stage_done
 
 stage 2 proposals "weight-free mask proposals ($JOBS processes; progress of the first shown)"
-PROPOSALS=("$PYTHON" -m prepare_datasets.prepare_reason_seg --dataset_dir "$DATASET"
-  --sam_masks_dir "$MASKS" --backend weightfree --splits train,val --no-fsync --num_shards "$JOBS")
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT  # no shard outlives a failed demo
-for ((shard = 1; shard < JOBS; shard++)); do
-  "${PROPOSALS[@]}" --shard_id "$shard" >"$OUT/proposals_shard$shard.log" 2>&1 &
-  pids+=($!)
-done
-"${PROPOSALS[@]}" --shard_id 0
-for index in "${!pids[@]}"; do
-  if ! wait "${pids[$index]}"; then
-    echo "proposal shard $((index + 1)) failed; see $OUT/proposals_shard$((index + 1)).log" >&2
-    exit 1
-  fi
-done
-for split in train val; do
-  if [[ ! -f "$MASKS/reason_seg/ReasonSeg/$split/masks.h5" ]]; then
-    echo "no proposal store for $split: a shard did not finish" >&2
-    exit 1
-  fi
-done
+weightfree_proposals "$DATASET" "$MASKS" "$JOBS"
 stage_done
 
 stage 3 model "tiny random checkpoints with SegLLM's parts"
