@@ -37,7 +37,9 @@ With ``--conversations`` every json also holds ``conversation``: 2-5 rounds abou
 earlier round's object as "object k [REF:k]" with a relation
 (`prepare_datasets.synthetic.relations`) that singles out one object given object k and at least
 two (``candidates_without_reference``) without it. A scene where no round 2 is possible gets no
-``conversation`` (counted in the statistics).
+``conversation`` (counted in the statistics). ``--extra_conversations N`` adds up to ``N`` further
+conversations about the same picture under ``extra_conversations`` (each drawn as the first, so
+round 1 asks about varied objects): training reads every one, evaluation the first only.
 
 Deterministic: every image draws from its own generator seeded by ``(seed, split, index)``, so a
 rerun writes byte-identical files. Extra queries, then the conversation, are drawn last, so the
@@ -130,6 +132,13 @@ class SyntheticConfig:
             "earlier round's object ('object k [REF:k]')"
         },
     )
+    extra_conversations: int = field(
+        default=0,
+        metadata={
+            "help": "with --conversations: further conversations about the same picture under "
+            "'extra_conversations' (training reads them all; evaluation the first only)"
+        },
+    )
     overlap_probability: float = field(
         default=0.5, metadata={"help": "fraction of scenes whose objects may overlap"}
     )
@@ -155,6 +164,10 @@ class SyntheticConfig:
             )
         if self.extra_queries < 0:
             raise ValueError(f"--extra_queries must be >= 0, got {self.extra_queries}")
+        if self.extra_conversations < 0:
+            raise ValueError(f"--extra_conversations must be >= 0, got {self.extra_conversations}")
+        if self.extra_conversations and not self.conversations:
+            raise ValueError("--extra_conversations needs --conversations")
         if self.texts_per_query < 1:
             raise ValueError(f"--texts_per_query must be >= 1, got {self.texts_per_query}")
         if not 0.0 <= self.overlap_probability <= 1.0:
@@ -206,6 +219,7 @@ class SyntheticSample:
         extra_queries: further queries about the scene, each with a target of its own (none is
             the main query's target, no two share one).
         conversation: the multi-round conversation (``--conversations``), ``None`` without one.
+        extra_conversations: further conversations about the scene (``--extra_conversations``).
     """
 
     image: np.ndarray
@@ -218,6 +232,7 @@ class SyntheticSample:
     polygons: list[np.ndarray]
     extra_queries: list[PhrasedQuery] = field(default_factory=list)
     conversation: list[ConversationRound] | None = None
+    extra_conversations: list[list[ConversationRound]] = field(default_factory=list)
 
     def to_record(self) -> dict:
         """The ReasonSeg json of this sample (plain Python types only)."""
@@ -248,6 +263,11 @@ class SyntheticSample:
             record["extra_queries"] = [extra.to_record() for extra in self.extra_queries]
         if self.conversation is not None:
             record["conversation"] = [round_.to_record() for round_ in self.conversation]
+        if self.extra_conversations:
+            record["extra_conversations"] = [
+                [round_.to_record() for round_ in conversation]
+                for conversation in self.extra_conversations
+            ]
         return record
 
 
@@ -317,6 +337,12 @@ def generate_sample(
         )
         if config.conversations:
             sample.conversation = scene_conversation(rng, objects, geometry, visible_masks)
+        if sample.conversation is not None:
+            # Drawn after the first, which stays the same for any --extra_conversations.
+            for _ in range(config.extra_conversations):
+                extra = scene_conversation(rng, objects, geometry, visible_masks)
+                if extra is not None:
+                    sample.extra_conversations.append(extra)
         return sample
     raise RuntimeError(
         f"no clear scene with a unique {query_type} query in {MAX_ATTEMPTS} attempts "
@@ -411,7 +437,7 @@ def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     types, subtypes, forms, overlaps, objects = Counter(), Counter(), Counter(), 0, 0
-    extra_queries, conversations = 0, Counter()
+    extra_queries, conversations, extra_conversations = 0, Counter(), 0
     bar = tqdm(schedule, desc=f"synthetic {split}", unit="img", disable=not config.progress)
     for index, (query_type, is_sentence) in enumerate(bar):
         rng = np.random.default_rng([config.seed, split_code, index])
@@ -427,6 +453,7 @@ def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> 
         extra_queries += len(sample.extra_queries)
         if config.conversations:
             count_conversation(conversations, sample.conversation)
+            extra_conversations += len(sample.extra_conversations)
     final = root / split
     if final.exists():
         stale = root / f".{split}.stale"
@@ -447,6 +474,8 @@ def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> 
     }
     if config.conversations:
         stats.update(conversation_stats(conversations))
+    if config.extra_conversations:
+        stats["extra_conversations"] = extra_conversations
     return stats
 
 

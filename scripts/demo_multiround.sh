@@ -41,6 +41,8 @@ LR="${DEMO_LR:-2e-3}"
 WARMUP_STEPS="${DEMO_WARMUP_STEPS:-50}"
 TOP_K="${DEMO_TOP_K:-50}"
 BASELINE="${DEMO_BASELINE:-1}"
+EXTRA_CONVERSATIONS="${DEMO_EXTRA_CONVERSATIONS:-3}"  # further conversations per training picture
+REF_DROPOUT="${DEMO_REF_DROPOUT:-0.5}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TOKENIZERS_PARALLELISM=false
 
@@ -61,7 +63,7 @@ rm -rf "$DATASET" "$MASKS" "$OUT/checkpoints" "$OUT/train" "$OUT/train_baseline"
 stage 1 generate "synthetic conversations: $NUM_TRAIN train / $NUM_VAL val pictures of ${IMAGE_SIZE}px"
 "$PYTHON" -m prepare_datasets.prepare_synthetic --out_dir "$DATASET" --seed "$SEED" \
   --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --num_test 0 --image_size "$IMAGE_SIZE" \
-  --conversations
+  --conversations --extra_conversations "$EXTRA_CONVERSATIONS"
 stage_done
 
 stage 2 proposals "weight-free mask proposals ($JOBS processes; progress of the first shown)"
@@ -81,8 +83,8 @@ TRAIN_ARGS=(--dataset multi_round --sample_rates 1 --multi_round_data "ReasonSeg
   --warmup_steps "$WARMUP_STEPS" --workers 1 --seed "$SEED" --print_freq 25 --log_base_dir "$OUT")
 
 stage 4 train "training.py (SegLLM): $EPOCHS epochs x $STEPS_PER_EPOCH steps of $BATCH_SIZE conversations"
-"$PYTHON" training.py "${MODEL_ARGS[@]}" --mask_encoder pooled "${DATA_ARGS[@]}" \
-  "${TRAIN_ARGS[@]}" --exp_name train
+"$PYTHON" training.py "${MODEL_ARGS[@]}" --mask_encoder pooled --ref_dropout "$REF_DROPOUT" \
+  "${DATA_ARGS[@]}" "${TRAIN_ARGS[@]}" --exp_name train
 stage_done
 
 stage 5 evaluate "eval.py with --history gt, predicted and none"

@@ -207,48 +207,59 @@ def test_the_option_only_appends_the_conversation(runs):
         )
 
 
+def check_conversation(path, record, conversation) -> tuple[set, int, int]:
+    """Assert every round of ``conversation`` against the scene of ``record``; return the
+    relations seen, the chained rounds and the referring rounds."""
+    relations, chains, referring = set(), 0, 0
+    assert MIN_ROUNDS <= len(conversation) <= MAX_ROUNDS, path.name
+    objects, distances = record["objects"], chessboard_distances(visible_masks(record))
+    first = conversation[0]
+    assert (first["references"], first["relation"]) == ([], None)
+    assert first["candidates_without_reference"] is None
+    assert first["query_type"] in QUERY_TYPES
+    assert not REF_MARKER.search(first["text"])
+    targets = [first["target"]]
+    for number, round_ in enumerate(conversation[1:], start=2):
+        text = round_["text"]
+        (k,) = [int(m) for m in REF_MARKER.findall(text)]
+        assert f"object {k} [REF:{k}]" in text, text
+        assert 1 <= k < number, text
+        assert round_["references"] == [k] == list(parse_references(text, number).references)
+        relation = next(name for word, name in KEYWORDS if word in text.lower())
+        assert (round_["query_type"], round_["relation"]) == (REFERRING, relation), text
+        named = [c for c in COLOUR_RGB if c in re.findall(r"[a-z]+", text.lower())]
+        colour = named[0] if named else None
+        reference = conversation[k - 1]["target"]
+        answer = expected_answer(objects, distances, relation, colour, reference)
+        assert answer == round_["target"], (path.name, text)
+        assert round_["target"] not in targets, (path.name, text)
+        targets.append(round_["target"])
+        # Without object k, at least two objects of the scene fit the words.
+        answers = {
+            expected_answer(objects, distances, relation, colour, other)
+            for other in range(len(objects))
+        }
+        assert len(answers - {None}) == round_["candidates_without_reference"] >= 2, text
+        if round_["is_sentence"]:
+            assert (text[0].isupper(), text[-1] in ".?") == (True, True), text
+        else:
+            assert (text[0].islower(), text[-1]) == (True, "]"), text
+        relations.add(relation)
+        referring += 1
+        chains += bool(conversation[k - 1]["references"])
+    return relations, chains, referring
+
+
 def test_every_referring_round_resolves_to_its_target(runs):
     relations, chains, referring = set(), 0, 0
     for path, record in all_records(runs[0]):
         conversation = record.get("conversation")
         if conversation is None:
             continue
-        assert MIN_ROUNDS <= len(conversation) <= MAX_ROUNDS, path.name
-        objects, distances = record["objects"], chessboard_distances(visible_masks(record))
-        first = conversation[0]
-        assert (first["references"], first["relation"]) == ([], None)
-        assert first["candidates_without_reference"] is None
-        assert first["query_type"] in QUERY_TYPES
-        assert not REF_MARKER.search(first["text"])
-        targets = [first["target"]]
-        for number, round_ in enumerate(conversation[1:], start=2):
-            text = round_["text"]
-            (k,) = [int(m) for m in REF_MARKER.findall(text)]
-            assert f"object {k} [REF:{k}]" in text, text
-            assert 1 <= k < number, text
-            assert round_["references"] == [k] == list(parse_references(text, number).references)
-            relation = next(name for word, name in KEYWORDS if word in text.lower())
-            assert (round_["query_type"], round_["relation"]) == (REFERRING, relation), text
-            named = [c for c in COLOUR_RGB if c in re.findall(r"[a-z]+", text.lower())]
-            colour = named[0] if named else None
-            reference = conversation[k - 1]["target"]
-            answer = expected_answer(objects, distances, relation, colour, reference)
-            assert answer == round_["target"], (path.name, text)
-            assert round_["target"] not in targets, (path.name, text)
-            targets.append(round_["target"])
-            # Without object k, at least two objects of the scene fit the words.
-            answers = {
-                expected_answer(objects, distances, relation, colour, other)
-                for other in range(len(objects))
-            }
-            assert len(answers - {None}) == round_["candidates_without_reference"] >= 2, text
-            if round_["is_sentence"]:
-                assert (text[0].isupper(), text[-1] in ".?") == (True, True), text
-            else:
-                assert (text[0].islower(), text[-1]) == (True, "]"), text
-            relations.add(relation)
-            referring += 1
-            chains += bool(conversation[k - 1]["references"])
+        seen, chained, count = check_conversation(path, record, conversation)
+        relations |= seen
+        chains += chained
+        referring += count
     assert relations == set(RELATIONS) - {"touching"} or relations == set(RELATIONS)
     assert chains >= 10
     assert referring >= 60
@@ -334,3 +345,35 @@ def test_relations_on_a_hand_made_row():
     assert relation_answer(layout, Relation("larger", "blue"), 3) == 0
     assert relation_candidates(layout, Relation("larger", "blue")) == 2
     assert relation_answer(layout, Relation("closest"), 1) == 3
+
+
+def test_extra_conversations_keep_the_first_and_resolve_like_it(runs, tmp_path):
+    root = main(config(tmp_path, conversations=True, extra_conversations=2)).root
+    extras, varied_first_rounds = 0, 0
+    for path, record in all_records(runs[0]):
+        other = json.loads((root / path.parent.name / path.name).read_text())
+        assert {k: v for k, v in other.items() if k != "extra_conversations"} == record
+        for conversation in other.get("extra_conversations", []):
+            check_conversation(path, other, conversation)
+            varied_first_rounds += conversation[0]["target"] != record["conversation"][0]["target"]
+            extras += 1
+    assert "extra_conversations" not in json.dumps([r for _, r in all_records(runs[0])])
+    assert extras >= 100
+    assert varied_first_rounds >= extras // 3
+    stats = json.loads((root / "synthetic_stats.json").read_text())
+    assert sum(entry["extra_conversations"] for entry in stats.values()) == extras
+    # Training reads every conversation of a json; evaluation the first only.
+    dataset_dir = root.parents[1]
+    first = load_conversation_split(dataset_dir, None, "train")
+    every = load_conversation_split(dataset_dir, None, "train", extra_conversations=True)
+    train_extras = sum(
+        len(json.loads(p.read_text()).get("extra_conversations", []))
+        for p in (root / "train").glob("*.json")
+    )
+    assert len(every) == len(first) + train_extras > len(first)
+    assert {r.image_path for r in every} == {r.image_path for r in first}
+
+
+def test_extra_conversations_need_conversations(tmp_path):
+    with pytest.raises(ValueError, match="--extra_conversations needs --conversations"):
+        config(tmp_path, extra_conversations=1).validate()

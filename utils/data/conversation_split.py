@@ -3,8 +3,10 @@
 A json of a ReasonSeg-layout split (``<dataset_dir>/reason_seg/ReasonSeg/<split>/``) may hold a
 ``conversation``: a list of rounds, each ``{"text", "is_sentence", "shapes", "references", ...}``
 (``prepare_datasets/prepare_synthetic.py --conversations`` writes them). A later round's text
-names earlier rounds with ``[REF:k]`` markers (:mod:`utils.data.references`). Each image with a
-conversation becomes one record of one conversation:
+names earlier rounds with ``[REF:k]`` markers (:mod:`utils.data.references`). A json may also
+hold ``extra_conversations``: further conversations about the same picture (``--extra_conversations
+N``), which training reads as records of their own and evaluation ignores. Each conversation
+becomes one record of one conversation:
 
 - round 1 asks with LISA's validation prompt (``<image>`` first: a sentence, or "What is {x} in
   this image?" for a phrase), later rounds with the same prompts without the image;
@@ -52,12 +54,16 @@ def _question(round_: dict, index: int, where: str) -> str:
     return f"{IMAGE_TOKEN}\n {question}" if index == 0 else question
 
 
-def conversation_record(item: ReasonSegItem, split: str) -> SegmentationRecord | None:
-    """The record of one image's conversation, or ``None`` when its json has none."""
-    rounds = item.extra.get("conversation")
+def conversation_record(
+    item: ReasonSegItem, split: str, rounds=None, where: str | None = None
+) -> SegmentationRecord | None:
+    """The record of one image's conversation (``rounds``, by default the json's
+    ``conversation``), or ``None`` when its json has none."""
+    if rounds is None:
+        rounds = item.extra.get("conversation")
     if rounds is None:
         return None
-    where = str(item.image_path.with_suffix(".json"))
+    where = where or str(item.image_path.with_suffix(".json"))
     if not isinstance(rounds, list) or not rounds:
         raise DatasetFormatError(f"{where}: 'conversation' must be a non-empty list of rounds")
     shapes = []
@@ -78,16 +84,34 @@ def conversation_record(item: ReasonSegItem, split: str) -> SegmentationRecord |
     )
 
 
+def _extra_records(item: ReasonSegItem, split: str) -> list[SegmentationRecord]:
+    """Records of a json's ``extra_conversations``."""
+    where = str(item.image_path.with_suffix(".json"))
+    extra = item.extra.get("extra_conversations", [])
+    if not isinstance(extra, list):
+        raise DatasetFormatError(f"{where}: 'extra_conversations' must be a list of conversations")
+    return [
+        conversation_record(item, split, rounds, f"{where}: extra_conversations[{index}]")
+        for index, rounds in enumerate(extra)
+    ]
+
+
 def load_conversation_split(
-    dataset_dir: str | Path, sam_masks_dir: str | Path | None, split: str
+    dataset_dir: str | Path,
+    sam_masks_dir: str | Path | None,
+    split: str,
+    extra_conversations: bool = False,
 ) -> list[SegmentationRecord]:
-    """One record per image of ``split`` that holds a conversation."""
+    """One record per image of ``split`` that holds a conversation; with
+    ``extra_conversations`` (training) also one per conversation of ``extra_conversations``."""
     records = []
     items = load_reason_seg_split(dataset_dir, sam_masks_dir, split)
     for item in items:
         record = conversation_record(item, split)
         if record is not None:
             records.append(record)
+            if extra_conversations:
+                records.extend(_extra_records(item, split))
     if len(records) < len(items):
         logger.info(
             "ReasonSeg|%s: %d of %d jsons hold a conversation", split, len(records), len(items)

@@ -4,7 +4,7 @@ earlier ones (``[REF:k]`` markers, :mod:`utils.data.references`).
 Sources are named by ``--multi_round_data``: MRSeg conversation files (:mod:`utils.data.mrseg`;
 ``"mr_refcoco||mr_refcoco+||mr_refcocog"``, stems under ``<dataset_dir>/mrseg/``) and
 conversations kept in ReasonSeg-format jsons (:mod:`utils.data.conversation_split`;
-``"ReasonSeg|train"``, the synthetic demo's). A training
+``"ReasonSeg|train"``, the synthetic demo's, with each json's ``extra_conversations``). A training
 sample is one conversation of a uniformly chosen file, cut to its first ``--max_rounds`` rounds
 (SegLLM's ``--limit_rounds``, 6): a reference only ever names an earlier round, so a cut never
 leaves one dangling. Proposals come from the existing stores (``coco2014`` for refCOCO images).
@@ -73,7 +73,9 @@ def load_multi_round_train(
     for name in (n.strip() for n in names.split("||") if n.strip()):
         if name.lower().startswith("reasonseg|"):
             split = name.split("|", 1)[1] or "train"
-            files[name] = load_conversation_split(dataset_dir, sam_masks_dir, split)
+            files[name] = load_conversation_split(
+                dataset_dir, sam_masks_dir, split, extra_conversations=True
+            )
             records = files[name]
             check_proposal_coverage(
                 [r.proposal_key for r in records], records[0].proposals, f"ReasonSeg|{split}"
