@@ -30,6 +30,7 @@ from model.llm_seg import MASK_HEADS, LLMSegModel
 from model.mask_encoder import MASK_ENCODERS, build_mask_encoder
 from model.tiny import TinyCheckpoints
 from utils.data.images import DEFAULT_DINO_IMAGE_SIZE
+from utils.data.rejection import REJ_TOKEN, REJECTION_MODES, check_rejection_mode
 from utils.device import PRECISIONS, attention_implementation, resolve_dtype
 from utils.legacy_tokenizer import TOKENIZATIONS
 from utils.tokenizer import IMAGE_START_TOKEN, REF_TOKEN, SEG_TOKEN, add_llm_seg_tokens
@@ -128,6 +129,13 @@ class LLMSegConfig:
         default=0.5,
         metadata={"help": "training probability of dropping a reference embedding (the plain "
                   "<ref> token stays), as SegLLM"},
+    )  # fmt: skip
+    rejection: str = field(
+        default="none",
+        metadata={"help": "how the model answers a query about nothing (no-target data needs "
+                  "one): answer (a rejection sentence, LM-trained), token (a [REJ] token, as "
+                  "GSVA); none: always [SEG], as LISA and LLM-Seg",
+                  "choices": list(REJECTION_MODES)},
     )  # fmt: skip
     ref_loss_weight: float = field(
         default=0.5, metadata={"help": "weight of the <ref> states' reference-selection loss"}
@@ -230,6 +238,7 @@ def build_llm_seg(
             "proposals or both with --mask_encoder"
         )
     mask_encoder, ref_token_id = build_multi_round_parts(config, backbone, tokenizer)
+    add_rejection_token(config.rejection, backbone, tokenizer)
     sam_head = None
     if config.mask_head != "proposals":
         if not config.sam_checkpoint:
@@ -253,6 +262,7 @@ def build_llm_seg(
     for part in (model.text_projection, scorer, mask_encoder, model.sam_prompt_groups):
         if part is not None:
             part.to(dtype)
+    configure_rejection(model, tokenizer, config.rejection)
     heads = [
         f"DINOv2 {dino.grid_size(config.dino_image_size)}^2 grid of {dino.feature_dim}-d features"
         if dino is not None else "",
@@ -263,6 +273,24 @@ def build_llm_seg(
         model.num_image_tokens, model.seg_token_id, ", ".join(h for h in heads if h),
     )  # fmt: skip
     return model.to(device).eval(), tokenizer
+
+
+def add_rejection_token(mode: str, backbone, tokenizer) -> None:
+    """``[REJ]`` added to the tokenizer (embeddings resized) in ``token`` mode; a no-op for a
+    tokenizer that has it and for the other modes."""
+    if check_rejection_mode(mode) != "token" or REJ_TOKEN in tokenizer.get_vocab():
+        return
+    tokenizer.add_tokens([REJ_TOKEN], special_tokens=False)  # a normal token, as [SEG]
+    embeddings = backbone.language_model.get_input_embeddings()
+    if len(tokenizer) > embeddings.weight.shape[0]:
+        backbone.language_model.resize_token_embeddings(len(tokenizer))
+
+
+def configure_rejection(model: LLMSegModel, tokenizer, mode: str) -> None:
+    """Record the rejection mode on ``model`` (``model.rejection``, which evaluation reads)."""
+    if check_rejection_mode(mode) == "token" and REJ_TOKEN not in tokenizer.get_vocab():
+        raise ValueError(f"--rejection token needs {REJ_TOKEN} in the tokenizer")
+    model.rejection = mode
 
 
 def build_multi_round_parts(config: LLMSegConfig, backbone, tokenizer):

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from model.heads.selection import select_mask
 from utils.config import write_csv_atomic, write_json_atomic
 from utils.data.images import load_rgb_image
+from utils.data.rejection import rejection_decisions
 from utils.data.samples import EncodedSample, SegmentationRecord, collate
 from utils.distributed import barrier, is_main_process, rank, world_size
 from utils.grefcoco_metrics import GRefCOCOMetrics
@@ -167,15 +168,51 @@ def combine_heads(sam_mask: torch.Tensor, proposals: torch.Tensor) -> torch.Tens
     return torch.from_numpy(resize_nearest(union.numpy(), tuple(sam_mask.shape)))
 
 
-def head_masks(sample: EncodedSample, output, selection: SelectionSettings, head: str) -> list:
-    """``(mask (H, W) bool, proposals selected)`` per ``[SEG]`` row, from one head."""
+def head_masks(
+    sample: EncodedSample,
+    output,
+    selection: SelectionSettings,
+    head: str,
+    rejected: list[bool] | None = None,
+) -> list:
+    """``(mask (H, W) bool, proposals selected)`` per ``[SEG]`` row, from one head; a row in
+    ``rejected`` (see :func:`rejection_rows`) gets an empty mask and 0 proposals."""
     if head == "proposals":
         results = _predicted_masks(sample, output.similarities[0], output.iop_scores[0], selection)
-        return [(result.mask, len(result.selected)) for result in results]
-    sam = [(logits > 0).cpu() for logits in output.sam_logits[0]]
-    if head == "sam":
-        return [(mask, 0) for mask in sam]
-    return [(combine_heads(mask, sample.proposal_binary), 0) for mask in sam]
+        masks = [(result.mask, len(result.selected)) for result in results]
+    else:
+        sam = [(logits > 0).cpu() for logits in output.sam_logits[0]]
+        if head == "sam":
+            masks = [(mask, 0) for mask in sam]
+        else:
+            masks = [(combine_heads(mask, sample.proposal_binary), 0) for mask in sam]
+    if rejected is None:
+        return masks
+    return [
+        (torch.zeros_like(mask), 0) if no else (mask, selected)
+        for (mask, selected), no in zip(masks, rejected)
+    ]
+
+
+def rejection_rows(model, sample: EncodedSample, output, encoder) -> tuple[list, list] | None:
+    """Teacher-forced no-target decisions of a model trained with ``--rejection``: per ``[SEG]``
+    row, whether the model would rather begin its answer with the rejection there, and that
+    probability (:func:`~utils.data.rejection.rejection_decisions`); ``None`` for a model that
+    always answers ``[SEG]``."""
+    mode = getattr(model, "rejection", "none")
+    if mode == "none":
+        return None
+    probe = encoder.rejection_probe(mode)
+    rejected, probabilities = [], []
+    for c, conversation in enumerate(sample.conversations):
+        ids = conversation.input_ids
+        positions = (ids == model.seg_token_id).nonzero().squeeze(1)
+        no, probability = rejection_decisions(
+            output.logits[c, : len(ids)], positions.to(output.logits.device), probe
+        )
+        rejected += no.tolist()
+        probabilities += probability.tolist()
+    return rejected, probabilities
 
 
 def round_indices(sample: EncodedSample) -> list[int]:
@@ -201,7 +238,8 @@ def score_with_history(model, sample: EncodedSample, encoder, history: str, sele
     if history != "predicted" or sample.reference_rows is None:
         return output
     for _ in range(max(round_indices(sample)) - 1):
-        masks = head_masks(sample, output, selection, head)
+        decisions = rejection_rows(model, sample, output, encoder)
+        masks = head_masks(sample, output, selection, head, decisions and decisions[0])
         predicted = torch.stack([masks[row][0] for row in sample.reference_rows.tolist()])
         image = (
             load_rgb_image(sample.record.image_path) if sample.reference_crops is not None else None
@@ -220,6 +258,7 @@ def _score_sample(
     vis_dir: Path | None,
     round_metrics: MultiRoundMetrics | None = None,
     no_target_metrics: GRefCOCOMetrics | None = None,
+    decisions: tuple[list[bool], list[float]] | None = None,
 ) -> list[dict]:
     rows = []
     record = sample.record
@@ -230,9 +269,11 @@ def _score_sample(
             gt = sample.masks[r]
             name = record.name if sample.masks.shape[0] == 1 else f"{record.name}_{r}"
             score = metrics[head].update(mask, gt, name, record.groups)
-            rows.append(
-                {**_row(score, record, r, selected, sample.proposal_masks.shape[0]), "head": head}
-            )
+            row = {**_row(score, record, r, selected, sample.proposal_masks.shape[0]), "head": head}
+            if decisions is not None:
+                row["rejected"] = int(decisions[0][r])
+                row["rejection_probability"] = round(decisions[1][r], 6)
+            rows.append(row)
             if head != primary:
                 continue
             if round_metrics is not None:
@@ -362,10 +403,14 @@ def evaluate(
         )  # fmt: skip
         drawn = visualize < 0 or len(rows) < visualize
         vis_dir = out_dir / "vis" if drawn else None
-        masks_by_head = {head: head_masks(item, output, selection, head) for head in heads}
+        decisions = rejection_rows(model, item, output, getattr(dataset, "encoder", None))
+        rejected = decisions[0] if decisions is not None else None
+        masks_by_head = {
+            head: head_masks(item, output, selection, head, rejected) for head in heads
+        }
         rows += _score_sample(
             item, masks_by_head, metrics, vis_dir,
-            round_metrics if is_multi_round(item) else None, no_target_metrics,
+            round_metrics if is_multi_round(item) else None, no_target_metrics, decisions,
         )  # fmt: skip
     if no_proposals:
         logger.warning("%d images had no proposals and were scored as empty masks", no_proposals)
@@ -380,6 +425,11 @@ def evaluate(
         results["heads"] = {head: metrics[head].compute() for head in heads}
     results["selection"] = selection.strategy if heads[0] != "sam" else "logits > 0"
     results["iop_threshold"] = selection.threshold
+    if getattr(model, "rejection", "none") != "none":
+        results["rejection"] = model.rejection
+        results["num_rejected"] = sum(
+            row.get("rejected", 0) for row in all_rows if row["head"] == heads[0]
+        )
     if getattr(dataset, "skipped", None):
         results["skipped_missing"] = list(dataset.skipped)
     rounds = _gather_union([str(r) for r in round_metrics.rounds])

@@ -43,7 +43,13 @@ from model.backbones.features import DinoFeatureExtractor
 from model.backbones.llava import LlavaBackbone, build_projector
 from model.backbones.llava_checkpoint import load_clip_vision_tower, read_llava_config
 from model.backbones.sam import load_sam
-from model.builder import LLMSegConfig, build_llm_seg, merge_lora_weights, setup_trainable
+from model.builder import (
+    LLMSegConfig,
+    build_llm_seg,
+    configure_rejection,
+    merge_lora_weights,
+    setup_trainable,
+)
 from model.export_manifest import (
     ADAPTER_FILE,
     EXPORT_KINDS,
@@ -297,6 +303,7 @@ def _build_merged(folder: Path, manifest: ExportManifest, device, dtype, quantiz
         backbone, dino, scorer, arch.seg_token_id, config.loss_config(), mask_encoder,
         ref_token_id, config.ref_dropout, sam_head, config.mask_head,
     )  # fmt: skip
+    configure_rejection(model, tokenizer, config.rejection)
     head = {HEAD_PREFIXES[0]: model.text_projection}
     if scorer is not None:
         head[HEAD_PREFIXES[1]] = scorer

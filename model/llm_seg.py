@@ -161,6 +161,9 @@ class LLMSegModel(nn.Module):
         self.mask_encoder = mask_encoder
         self.ref_token_id = ref_token_id
         self.ref_dropout = ref_dropout
+        # How it answers a query about nothing (utils/data/rejection.py); set by
+        # model.builder.configure_rejection.
+        self.rejection = "none"
         self.sam_head = sam_head
         self.mask_head = mask_head
         # SegLLM with the SAM head: [SEG] gives two prompts, one re-detecting the referenced

@@ -122,7 +122,7 @@ def test_model_evaluation_reports_rejections(tiny_checkpoints, tmp_path, monkeyp
     encoder = build_encoder(data, tokenizer, model.num_image_tokens)
     dataset = build_eval_dataset(data, encoder, data.val_dataset)
 
-    def empty_masks(sample, output, selection, head):
+    def empty_masks(sample, output, selection, head, rejected=None):
         return [(torch.zeros(HEIGHT, WIDTH, dtype=torch.bool), 0)] * sample.masks.shape[0]
 
     monkeypatch.setattr(evaluation, "head_masks", empty_masks)

@@ -18,13 +18,18 @@ Data convention, the same for every dataset family:
   ``[SEG]`` and so no mask row; the sample encoder rewrites it to ``[REJ].`` in ``token`` mode;
 - evaluation records answer every round with the validation answer ``[SEG].`` and give a
   no-target round an all-zero mask row and ``no_target[row] = True``; the model's decision is
-  read where that ``[SEG]`` stands (:func:`rejection_decisions`) or, in free generation, from
-  the answer it writes (:func:`answer_rejects`).
+  read where that ``[SEG]`` stands (:func:`rejection_probe`, :func:`rejection_decisions`) or,
+  in free generation, from the answer it writes (:func:`answer_rejects`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+
+from utils.data.conversation import VALIDATION_ANSWER
 
 REJ_TOKEN = "[REJ]"
 REJECTION_MODES = ("none", "answer", "token")
@@ -53,33 +58,56 @@ def answer_rejects(answer: str, seg_token: str = "[SEG]") -> bool:
     return seg_token not in answer
 
 
-def rejection_first_token(tokenizer, mode: str) -> int:
-    """The id of the token a rejecting answer starts with in ``mode``: ``[REJ]``, or the first
-    token of :data:`REJECTION_SENTENCE` as it follows ``ASSISTANT:``."""
-    if mode == "token":
-        return tokenizer.convert_tokens_to_ids(REJ_TOKEN)
-    # Tokenised after a word, as it stands in the conversation (SentencePiece marks the space).
-    with_prefix = tokenizer("ASSISTANT: " + REJECTION_SENTENCE, add_special_tokens=False)
-    alone = tokenizer("ASSISTANT:", add_special_tokens=False)
-    return with_prefix["input_ids"][len(alone["input_ids"])]
+@dataclass(frozen=True)
+class RejectionProbe:
+    """Where a teacher-forced sequence shows the model's choice between answering ``[SEG]`` and
+    rejecting: the rejecting answer's first token that differs from the validation answer's
+    (``token_id``), read ``offset`` tokens before the ``[SEG]`` (0: right before it)."""
+
+    token_id: int
+    offset: int
+
+
+def rejection_probe(
+    encode: Callable[[str], list[int]], mode: str, seg_token_id: int
+) -> RejectionProbe:
+    """The :class:`RejectionProbe` of a tokenization.
+
+    Args:
+        encode: the input ids of one fixed question followed by a given answer, encoded exactly
+            as evaluation encodes (the sample encoder: it writes ``[REJ].`` in ``token`` mode).
+        mode: ``answer`` or ``token``.
+        seg_token_id: id of ``[SEG]``.
+    """
+    accepted = list(encode(VALIDATION_ANSWER))
+    rejecting = list(encode(REJECTION_SENTENCE if mode == "answer" else REJECTION_TOKEN_ANSWER))
+    seg = accepted.index(seg_token_id)
+    diverge = next(
+        (i for i, (a, b) in enumerate(zip(accepted, rejecting)) if a != b),
+        min(len(accepted), len(rejecting)),
+    )
+    if diverge > seg or diverge >= len(rejecting):
+        raise ValueError(f"the rejection answer cannot be told from {VALIDATION_ANSWER!r} before "
+                         "its [SEG] in this tokenization")  # fmt: skip
+    return RejectionProbe(token_id=rejecting[diverge], offset=seg - diverge)
 
 
 def rejection_decisions(
-    logits: torch.Tensor, seg_positions: torch.Tensor, rejection_token_id: int
+    logits: torch.Tensor, seg_positions: torch.Tensor, probe: RejectionProbe
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced no-target decisions, one per ``[SEG]``.
 
-    The validation answer starts with ``[SEG]``, so the logits one position before it are the
-    model's choice of how to begin the answer; the round is rejected when the rejecting answer's
-    first token is more likely than not there.
+    The validation answer starts with ``[SEG]``, so the logits just before the point where a
+    rejecting answer would part from it are the model's choice of how to answer; the round is
+    rejected when the rejecting token is more likely than not there.
 
     Args:
         logits: ``(L, vocab)`` of one sequence.
         seg_positions: ``(R,)`` positions of its ``[SEG]`` tokens.
-        rejection_token_id: from :func:`rejection_first_token`.
+        probe: from :func:`rejection_probe`.
     Returns:
         ``(rejected (R,) bool, probability (R,) float32)``.
     """
-    before = logits[seg_positions - 1].float()
-    probability = torch.softmax(before, dim=-1)[:, rejection_token_id]
+    before = logits[seg_positions - 1 - probe.offset].float()
+    probability = torch.softmax(before, dim=-1)[:, probe.token_id]
     return probability > 0.5, probability

@@ -20,6 +20,7 @@ import torch
 from utils.batch import LLMSegBatch, ReferenceInputs
 from utils.data.conversation import (
     IGNORE_INDEX,
+    VALIDATION_SHORT_QUESTION,
     ConversationFormat,
     EncodedConversation,
     SequenceTooLong,
@@ -32,6 +33,12 @@ from utils.data.images import (
     masked_crop,
     preprocess_for_clip,
     preprocess_for_dinov2,
+)
+from utils.data.rejection import (
+    REJECTION_SENTENCE,
+    REJECTION_TOKEN_ANSWER,
+    RejectionProbe,
+    rejection_probe,
 )
 from utils.legacy_tokenizer import LegacyLlamaTokenizer
 from utils.masks import proposal_weight_maps
@@ -130,6 +137,8 @@ class EncoderSettings:
     ref_placement: str = "inline"  # or "turn_start" (SegLLM's)
     reference_crops: bool = False  # CLIP inputs of the masked crops (the crop_cls encoder)
     sam_image_size: int = 0  # SAM's input side when the model has a SAM head (0: none)
+    # the model's --rejection: "token" writes no-target answers as "[REJ]." (utils.data.rejection)
+    rejection: str = "none"
 
 
 class SampleEncoder:
@@ -149,6 +158,7 @@ class SampleEncoder:
         self.settings = settings
         self.num_dropped = 0
         self.num_truncated = 0
+        self._probes: dict[str, RejectionProbe] = {}
         self.legacy = (
             LegacyLlamaTokenizer.from_tokenizer(tokenizer)
             if settings.tokenization == "llava_legacy"
@@ -158,7 +168,24 @@ class SampleEncoder:
         if self.references == "auto":
             self.references = "tokens" if REF_TOKEN in tokenizer.get_vocab() else "strip"
 
+    def rejection_probe(self, mode: str) -> RejectionProbe:
+        """Where this encoding shows a ``mode`` (answer/token) model's choice to reject
+        (:func:`~utils.data.rejection.rejection_probe`), worked out once per mode."""
+        if mode not in self._probes:
+            question = VALIDATION_SHORT_QUESTION.format(class_name="it")
+            self._probes[mode] = rejection_probe(
+                lambda answer: self._encode([(question, answer)]).input_ids.tolist(),
+                mode,
+                self.tokenizer.convert_tokens_to_ids(SEG_TOKEN),
+            )
+        return self._probes[mode]
+
     def _encode(self, turns: Turns) -> EncodedConversation:
+        if self.settings.rejection == "token":
+            turns = [
+                (question, REJECTION_TOKEN_ANSWER if answer == REJECTION_SENTENCE else answer)
+                for question, answer in turns
+            ]
         return encode_conversation(
             self.tokenizer,
             turns,
