@@ -33,6 +33,7 @@ from utils.config import save_config
 from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, build_train_dataset
 from utils.data.images import load_rgb_image
 from utils.data.mixing import ResumableSampler
+from utils.data.no_target import check_rejection_data
 from utils.data.samples import collate_batch
 from utils.device import resolve_device, resolve_dtype
 from utils.distributed import (
@@ -202,6 +203,8 @@ def main(config: TrainConfig) -> dict:
     ensure_process_group_env()
     device = resolve_device(config.device)
     _validate(config, device)
+    if not config.eval_only:  # no-target data without --rejection: stop before model building
+        check_rejection_data(config)
     # Recorded resolved (auto -> llava_legacy / hf) so exports and resumes use the same one.
     config.tokenization = resolve_tokenization(config.tokenization, config.version)
     init_process_group(device)

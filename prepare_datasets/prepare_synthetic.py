@@ -41,6 +41,13 @@ two (``candidates_without_reference``) without it. A scene where no round 2 is p
 conversations about the same picture under ``extra_conversations`` (each drawn as the first, so
 round 1 asks about varied objects): training reads every one, evaluation the first only.
 
+``--no_target_queries F`` / ``--multi_target_queries F`` (default 0) add queries about nothing
+in the scene (``"no_target": true``, empty ``shapes``) or about every object sharing a colour or
+shape (every target's polygons in ``shapes``), both with ``"targets": [...]`` and ``"target":
+null`` (`prepare_datasets.synthetic.target_sets`): an extra query of a fraction F of the train
+pictures, the *main* query of a fraction F of the val/test pictures (so evaluation sees them).
+They come from generators of their own, so everything else stays as without the options.
+
 Deterministic: every image draws from its own generator seeded by ``(seed, split, index)``, so a
 rerun writes byte-identical files. Extra queries, then the conversation, are drawn last, so the
 picture and the main query do not depend on ``--extra_queries`` or ``--conversations``. Each split
@@ -89,6 +96,14 @@ from prepare_datasets.synthetic.scenes import (
     render_masks,
     sample_objects,
     scene_is_clear,
+)
+from prepare_datasets.synthetic.target_sets import (
+    MULTI_TARGET,
+    NO_TARGET,
+    PhrasedTargetSet,
+    TargetSetPlan,
+    target_set_candidates,
+    target_set_kinds,
 )
 from utils.cli import run_cli
 from utils.config import save_config
@@ -139,6 +154,16 @@ class SyntheticConfig:
             "'extra_conversations' (training reads them all; evaluation the first only)"
         },
     )
+    no_target_queries: float = field(
+        default=0.0,
+        metadata={"help": "fraction of pictures with a query about something absent: an extra "
+                  "query in train, the main query in val/test"},
+    )  # fmt: skip
+    multi_target_queries: float = field(
+        default=0.0,
+        metadata={"help": "fraction of pictures with a query for every object sharing a colour "
+                  "or shape: an extra query in train, the main query in val/test"},
+    )  # fmt: skip
     overlap_probability: float = field(
         default=0.5, metadata={"help": "fraction of scenes whose objects may overlap"}
     )
@@ -170,6 +195,12 @@ class SyntheticConfig:
             raise ValueError("--extra_conversations needs --conversations")
         if self.texts_per_query < 1:
             raise ValueError(f"--texts_per_query must be >= 1, got {self.texts_per_query}")
+        for name in ("no_target_queries", "multi_target_queries"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.no_target_queries + self.multi_target_queries > 1.0:
+            raise ValueError("--no_target_queries + --multi_target_queries must be at most 1 (a "
+                             "val/test picture has one main query)")  # fmt: skip
         if not 0.0 <= self.overlap_probability <= 1.0:
             raise ValueError(
                 f"--overlap_probability must be in [0, 1], got {self.overlap_probability}"
@@ -220,6 +251,8 @@ class SyntheticSample:
             the main query's target, no two share one).
         conversation: the multi-round conversation (``--conversations``), ``None`` without one.
         extra_conversations: further conversations about the scene (``--extra_conversations``).
+        main_target_set: a no-target or multi-target query replacing the main query (val/test).
+        extra_target_sets: such queries stored after the extra queries (train).
     """
 
     image: np.ndarray
@@ -233,6 +266,8 @@ class SyntheticSample:
     extra_queries: list[PhrasedQuery] = field(default_factory=list)
     conversation: list[ConversationRound] | None = None
     extra_conversations: list[list[ConversationRound]] = field(default_factory=list)
+    main_target_set: PhrasedTargetSet | None = None
+    extra_target_sets: list[PhrasedTargetSet] = field(default_factory=list)
 
     def to_record(self) -> dict:
         """The ReasonSeg json of this sample (plain Python types only)."""
@@ -252,15 +287,18 @@ class SyntheticSample:
                     "visible_centroid": [round(c, 2) for c in geo.centroid],
                 }
             )
-        main_query = PhrasedQuery(self.query, self.is_sentence, self.texts, self.polygons)
+        main_query = self.main_target_set or PhrasedQuery(
+            self.query, self.is_sentence, self.texts, self.polygons
+        )
         record = {
             **main_query.to_record(),
             "objects": objects,
             "background": self.background,
             "image_size": list(self.image.shape[:2]),
         }
-        if self.extra_queries:
-            record["extra_queries"] = [extra.to_record() for extra in self.extra_queries]
+        extras = [*self.extra_queries, *self.extra_target_sets]
+        if extras:
+            record["extra_queries"] = [extra.to_record() for extra in extras]
         if self.conversation is not None:
             record["conversation"] = [round_.to_record() for round_ in self.conversation]
         if self.extra_conversations:
@@ -290,9 +328,14 @@ def query_schedule(rng: np.random.Generator, count: int) -> list[tuple[str, bool
 
 
 def generate_sample(
-    rng: np.random.Generator, query_type: str, is_sentence: bool, config: SyntheticConfig
+    rng: np.random.Generator,
+    query_type: str,
+    is_sentence: bool,
+    config: SyntheticConfig,
+    plan: TargetSetPlan | None = None,
 ) -> SyntheticSample:
-    """Draw scenes until one is clear and has a unique-answer query of ``query_type``.
+    """Draw scenes until one is clear and has a unique-answer query of ``query_type`` (and, with
+    a ``plan`` replacing the main query, a query of its kind), then add ``plan``'s query.
 
     Raises:
         RuntimeError: if :data:`MAX_ATTEMPTS` scenes fail (it means the settings are too tight).
@@ -319,6 +362,11 @@ def generate_sample(
         polygons = exact_polygons(visible_masks[query.target])
         if polygons is None:
             continue
+        if plan is not None:
+            object_polygons = [exact_polygons(mask) for mask in visible_masks]
+            set_candidates = target_set_candidates(plan.kind, objects, geometry, object_polygons)
+            if plan.as_main and not set_candidates:
+                continue
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
         image = render_image(rng, objects, full_masks, background)
         texts = phrase_query(rng, query, is_sentence, config.texts_per_query)
@@ -343,6 +391,10 @@ def generate_sample(
                 extra = scene_conversation(rng, objects, geometry, visible_masks)
                 if extra is not None:
                     sample.extra_conversations.append(extra)
+        if plan is not None and set_candidates:
+            drawn = plan.draw(set_candidates, object_polygons, is_sentence, config.texts_per_query)
+            sample.main_target_set = drawn if plan.as_main else None
+            sample.extra_target_sets = [] if plan.as_main else [drawn]
         return sample
     raise RuntimeError(
         f"no clear scene with a unique {query_type} query in {MAX_ATTEMPTS} attempts "
@@ -432,21 +484,31 @@ def _jpeg_bytes(image: np.ndarray, quality: int) -> bytes:
 def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> dict:
     """Generate ``count`` images of ``split`` into ``root/<split>``; return its statistics."""
     split_code = SPLITS.index(split)
-    schedule = query_schedule(np.random.default_rng([config.seed, split_code]), count)
+    schedule_rng = np.random.default_rng([config.seed, split_code])
+    schedule = query_schedule(schedule_rng, count)
+    fractions = (config.no_target_queries, config.multi_target_queries)
+    kinds = target_set_kinds(schedule_rng, count, *fractions)  # drawn after: the schedule stays
     partial = root / f".{split}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     types, subtypes, forms, overlaps, objects = Counter(), Counter(), Counter(), 0, 0
-    extra_queries, conversations, extra_conversations = 0, Counter(), 0
+    extra_queries, conversations, extra_conversations, target_sets = 0, Counter(), 0, Counter()
     bar = tqdm(schedule, desc=f"synthetic {split}", unit="img", disable=not config.progress)
     for index, (query_type, is_sentence) in enumerate(bar):
         rng = np.random.default_rng([config.seed, split_code, index])
-        sample = generate_sample(rng, query_type, is_sentence, config)
+        plan = TargetSetPlan.for_picture(
+            kinds[index], split != "train", config.seed, split_code, index
+        )
+        sample = generate_sample(rng, query_type, is_sentence, config, plan)
         stem = f"{split}_{index:05d}"
         (partial / f"{stem}.jpg").write_bytes(_jpeg_bytes(sample.image, config.jpeg_quality))
         (partial / f"{stem}.json").write_text(json.dumps(sample.to_record()) + "\n")
-        types[query_type] += 1
-        subtypes[f"{query_type}/{sample.query.subtype}"] += 1
+        main = sample.main_target_set.query if sample.main_target_set else None
+        main_type = main.kind if main else query_type
+        types[main_type] += 1
+        subtypes[f"{main_type}/{main.subtype if main else sample.query.subtype}"] += 1
+        for drawn in filter(None, [sample.main_target_set, *sample.extra_target_sets]):
+            target_sets[drawn.query.kind] += 1
         forms["long" if is_sentence else "short"] += 1
         overlaps += any(g.visible_area < g.full_area for g in sample.geometry)
         objects += len(sample.objects)
@@ -472,6 +534,9 @@ def write_split(root: Path, split: str, count: int, config: SyntheticConfig) -> 
         "mean_objects": round(objects / max(count, 1), 3),
         "extra_queries": extra_queries,
     }
+    if config.no_target_queries or config.multi_target_queries:
+        stats["no_target_queries"] = target_sets[NO_TARGET]
+        stats["multi_target_queries"] = target_sets[MULTI_TARGET]
     if config.conversations:
         stats.update(conversation_stats(conversations))
     if config.extra_conversations:

@@ -25,7 +25,7 @@ from utils.data.multi_round import DEFAULT_MAX_ROUNDS, MultiRoundSource, load_mu
 from utils.data.reason_seg import (
     ReasonSegSource,
     load_reason_seg_split,
-    reason_seg_eval_record,
+    reason_seg_eval_records,
 )
 from utils.data.refer_seg import SPLIT_BY, load_refer_split, load_refer_train, refer_eval_record
 from utils.data.samples import EncoderSettings, SampleEncoder
@@ -54,6 +54,12 @@ class DataConfig:
     refer_seg_data: str = field(
         default="refclef||refcoco||refcoco+||refcocog", metadata={"help": "referring datasets"}
     )
+    false_premise_fraction: float = field(
+        default=0.0,
+        metadata={"help": "refer_seg training: probability that a sentence is replaced by one of "
+                  "another image naming a category absent from this one, answered with the "
+                  "rejection sentence (needs --rejection answer or token)"},
+    )  # fmt: skip
     vqa_data: str = field(default="llava_instruct_150k", metadata={"help": "VQA dataset"})
     reason_seg_data: str = field(default="ReasonSeg|train", metadata={"help": "ReasonSeg split"})
     llmseg40k_data: str = field(default="LLMSeg40K|train", metadata={"help": "LLM-Seg40K split"})
@@ -163,7 +169,7 @@ def _reason_seg_eval(config, parts: list[str], with_proposals: bool, skipped=Non
     items = load_reason_seg_split(
         config.dataset_dir, masks_dir, split, getattr(config, "skip_missing", False), skipped
     )
-    return [reason_seg_eval_record(item) for item in items]
+    return reason_seg_eval_records(items)
 
 
 def _sem_seg_train(config) -> SemSegSource:
@@ -174,7 +180,7 @@ def _sem_seg_train(config) -> SemSegSource:
 def _refer_seg_train(config):
     return load_refer_train(
         config.dataset_dir, config.sam_masks_dir, config.refer_seg_data,
-        config.num_classes_per_sample,
+        config.num_classes_per_sample, getattr(config, "false_premise_fraction", 0.0),
     )  # fmt: skip
 
 

@@ -19,7 +19,8 @@ As the authors' loader (ReLA's ``load_grefcoco_json`` and dataset mapper) does:
 The result is one :class:`~utils.data.refer_seg.ReferImage` per image (its sentences in ref
 order, with ``sentence_ids`` and ``no_target``), so evaluation (``refer_eval_record``,
 ``--val_dataset "grefcoco|unc|val"``) and the refer_seg training family (``--refer_seg_data
-"refcoco||grefcoco"``: no-target sentences train towards an all-zero mask, as LISA's) reuse the
+"refcoco||grefcoco"``: a no-target sentence's round answers the rejection sentence and has no
+mask row, :mod:`utils.data.rejection`; it needs ``--rejection answer`` or ``token``) reuse the
 refer code. ``eval.py --pred_dir`` scores ``<sent_id>.png`` per sentence
 (:mod:`utils.grefcoco_scoring`).
 

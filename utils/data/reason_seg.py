@@ -16,6 +16,14 @@ ignore region). A json with no target polygon (an empty ``shapes``, as a few rel
 have, or only ``flag``/``ignore`` shapes) is kept, as upstream keeps it: its target is empty, and
 the split's jsons of that kind are counted and named in one warning when the split is loaded.
 
+No-target queries (the synthetic data's ``--no_target_queries``): a query with ``"no_target":
+true`` (and no target polygon) refers to nothing. Following :mod:`utils.data.rejection`, its
+evaluation record answers ``[SEG].`` with an all-zero mask row flagged in ``record.no_target``
+(a split without any such query keeps ``no_target=None``, so its reports are unchanged), and a
+training round asking it answers :data:`~utils.data.rejection.REJECTION_SENTENCE` with no mask
+row. A multi-target query needs nothing of its own: its ``shapes`` hold every target's polygons,
+which rasterise to their union.
+
 Behaviour on bad input: every json is parsed when the dataset is built, so a malformed or missing
 json stops the run at once with the file named (before hours of training, not in the middle).
 """
@@ -39,6 +47,7 @@ from utils.data.conversation import (
     VALIDATION_LONG_QUESTION,
     VALIDATION_SHORT_QUESTION,
 )
+from utils.data.rejection import REJECTION_SENTENCE
 from utils.data.samples import SegmentationRecord
 from utils.masks import labelme_to_mask
 from utils.proposal_store import ProposalReader
@@ -57,11 +66,13 @@ class ReasonSegQuery:
     texts: list[str]
     is_sentence: bool
     shapes: list[dict]
+    no_target: bool = False  # refers to nothing ("no_target": true in the json)
 
 
 @dataclass
 class ReasonSegItem:
-    """One parsed ReasonSeg image: its file, queries, query kind and polygons."""
+    """One parsed ReasonSeg image: its file, queries, query kind and polygons (``no_target``:
+    the main query refers to nothing)."""
 
     image_path: Path
     texts: list[str]
@@ -70,6 +81,11 @@ class ReasonSegItem:
     proposals: ProposalReader | None
     extra: dict
     extra_queries: list[ReasonSegQuery] = field(default_factory=list)
+    no_target: bool = False
+
+    @property
+    def main_query(self) -> ReasonSegQuery:
+        return ReasonSegQuery(self.texts, self.is_sentence, self.shapes, self.no_target)
 
     def masks(self, height: int, width: int, count: int) -> np.ndarray:
         """``(count, H, W)`` copies of the label map (1 target, 255 ignore), one per ``[SEG]``."""
@@ -78,8 +94,9 @@ class ReasonSegItem:
 
 
 def _query_masks(shapes_per_round: list[list[dict]], height: int, width: int) -> np.ndarray:
-    """``(R, H, W)`` label maps (1 target, 255 ignore), one per round's polygons."""
-    return np.stack([labelme_to_mask(shapes, height, width) for shapes in shapes_per_round])
+    """``(R, H, W)`` label maps (1 target, 255 ignore), one per round's polygons (R may be 0)."""
+    masks = [labelme_to_mask(shapes, height, width) for shapes in shapes_per_round]
+    return np.stack(masks) if masks else np.zeros((0, height, width), np.uint8)
 
 
 def _polygon_problem(points) -> str | None:
@@ -122,7 +139,12 @@ def _parse_query(data: dict, where: str) -> ReasonSegQuery:
             raise DatasetFormatError(f"{where}: shapes[{index}].points {problem}")
     if "is_sentence" not in data:
         raise DatasetFormatError(f"{where}: field 'is_sentence' is missing")
-    return ReasonSegQuery(list(texts), bool(data["is_sentence"]), shapes)
+    no_target = data.get("no_target", False)
+    if not isinstance(no_target, bool):
+        raise DatasetFormatError(f"{where}: field 'no_target' must be true or false")
+    if no_target and has_target_polygon(shapes):
+        raise DatasetFormatError(f"{where}: 'no_target' is true but 'shapes' holds a target")
+    return ReasonSegQuery(list(texts), bool(data["is_sentence"]), shapes, no_target)
 
 
 def parse_reason_seg_json(path: Path) -> tuple[ReasonSegQuery, list[ReasonSegQuery], dict]:
@@ -140,9 +162,8 @@ def parse_reason_seg_json(path: Path) -> tuple[ReasonSegQuery, list[ReasonSegQue
         if not isinstance(entry, dict):
             raise DatasetFormatError(f"{where} must be an object with 'text', 'shapes', ...")
         extra_queries.append(_parse_query(entry, where))
-    other = {
-        k: v for k, v in data.items() if k not in ("text", "shapes", "is_sentence", "extra_queries")
-    }
+    parsed = ("text", "shapes", "is_sentence", "extra_queries", "no_target")
+    other = {k: v for k, v in data.items() if k not in parsed}
     return main_query, extra_queries, other
 
 
@@ -225,12 +246,42 @@ def load_reason_seg_split(
                     proposals,
                     other,
                     extra_queries,
+                    query.no_target,
                 )
             )
         split_items = items[first:]
-        without_target = [item for item in split_items if not has_target_polygon(item.shapes)]
+        # A query flagged no_target is meant to be empty; only unflagged ones are reported.
+        without_target = [
+            item
+            for item in split_items
+            if not item.no_target and not has_target_polygon(item.shapes)
+        ]
         _report_empty_targets(split, without_target, len(split_items))
+        num_no_target = count_no_target_queries(split_items)
+        if num_no_target:
+            logger.info("ReasonSeg|%s: %d no-target queries", split, num_no_target)
     return items
+
+
+def count_no_target_in_split(dataset_dir: str | Path, splits: str) -> int:
+    """No-target queries (main and extra) in the jsons of ``splits``, read without building
+    items (for the start-up check of :mod:`utils.data.no_target`)."""
+    total = 0
+    for split in splits.split("_"):
+        folder = Path(dataset_dir) / "reason_seg" / "ReasonSeg" / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"ReasonSeg split folder {folder} does not exist")
+        for path in sorted(folder.glob("*.json")):
+            query, extra_queries, _ = parse_reason_seg_json(path)
+            total += query.no_target + sum(extra.no_target for extra in extra_queries)
+    return total
+
+
+def count_no_target_queries(items: list[ReasonSegItem]) -> int:
+    """Main and extra queries flagged ``no_target`` among ``items``."""
+    return sum(
+        item.no_target + sum(query.no_target for query in item.extra_queries) for item in items
+    )
 
 
 def _groups(item: ReasonSegItem) -> tuple[str, ...]:
@@ -241,7 +292,9 @@ def _groups(item: ReasonSegItem) -> tuple[str, ...]:
     return groups
 
 
-def _record(item: ReasonSegItem, conversations, queries, masks=None) -> SegmentationRecord:
+def _record(
+    item: ReasonSegItem, conversations, queries, masks=None, no_target=None
+) -> SegmentationRecord:
     return SegmentationRecord(
         image_path=item.image_path,
         conversations=conversations,
@@ -252,6 +305,7 @@ def _record(item: ReasonSegItem, conversations, queries, masks=None) -> Segmenta
         dataset="ReasonSeg",
         groups=_groups(item),
         queries=queries,
+        no_target=no_target,
     )
 
 
@@ -263,40 +317,62 @@ def reason_seg_train_record(
     Without ``extra_queries``: that many of the query's phrasings, one per conversation, all with
     the same target. With them: that many *different* queries drawn from the main one and the
     extras (the main one is not always among them), one random phrasing each, every
-    conversation with its own query's target.
+    conversation with its own query's target. A no-target query's rounds answer
+    :data:`~utils.data.rejection.REJECTION_SENTENCE` and have no mask row.
     """
     if not item.extra_queries:
         texts = rng.sample(item.texts, min(num_queries, len(item.texts)))
-        conversations = [_conversation(text, item.is_sentence, rng) for text in texts]
-        return _record(item, conversations, texts)
-    main_query = ReasonSegQuery(item.texts, item.is_sentence, item.shapes)
-    pool = [main_query, *item.extra_queries]
+        conversations = [
+            _conversation(text, item.is_sentence, rng, item.no_target) for text in texts
+        ]
+        if not item.no_target:
+            return _record(item, conversations, texts)
+        return _record(item, conversations, texts, functools.partial(_query_masks, []))
+    pool = [item.main_query, *item.extra_queries]
     chosen = rng.sample(pool, min(num_queries, len(pool)))
     texts = [rng.choice(query.texts) for query in chosen]
     conversations = [
-        _conversation(text, query.is_sentence, rng) for text, query in zip(texts, chosen)
+        _conversation(text, query.is_sentence, rng, query.no_target)
+        for text, query in zip(texts, chosen)
     ]
-    masks = functools.partial(_query_masks, [query.shapes for query in chosen])
-    return _record(item, conversations, texts, masks)
+    shapes = [query.shapes for query in chosen if not query.no_target]
+    return _record(item, conversations, texts, functools.partial(_query_masks, shapes))
 
 
-def _conversation(text: str, is_sentence: bool, rng: random.Random) -> list[tuple[str, str]]:
-    """One training round: a random question template around ``text``, a random answer."""
+def _conversation(
+    text: str, is_sentence: bool, rng: random.Random, no_target: bool = False
+) -> list[tuple[str, str]]:
+    """One training round: a random question template around ``text``, a random answer (the
+    rejection sentence for a ``no_target`` query)."""
     if is_sentence:
         question = rng.choice(LONG_QUESTION_TEMPLATES).format(sent=text)
     else:
         question = rng.choice(SHORT_QUESTION_TEMPLATES).format(class_name=text.lower())
-    return [(question, rng.choice(ANSWER_TEMPLATES))]
+    # Drawn for every round, so a rejection does not shift the draws of the rounds after it.
+    answer = rng.choice(ANSWER_TEMPLATES)
+    return [(question, REJECTION_SENTENCE if no_target else answer)]
 
 
-def reason_seg_eval_record(item: ReasonSegItem) -> SegmentationRecord:
-    """An evaluation sample: the first text, the fixed validation prompt, answer ``[SEG].``."""
+def reason_seg_eval_record(item: ReasonSegItem, flag_no_target: bool = False) -> SegmentationRecord:
+    """An evaluation sample: the first text, the fixed validation prompt, answer ``[SEG].``.
+
+    ``flag_no_target`` (for a split holding no-target queries): set ``record.no_target`` to
+    ``(item.no_target,)``; a no-target query's mask row is all zero either way.
+    """
     text = item.texts[0]
     if item.is_sentence:
         question = VALIDATION_LONG_QUESTION.format(sent=text)
     else:
         question = VALIDATION_SHORT_QUESTION.format(class_name=text)
-    return _record(item, [[(question, VALIDATION_ANSWER)]], [text])
+    no_target = (item.no_target,) if flag_no_target else None
+    return _record(item, [[(question, VALIDATION_ANSWER)]], [text], no_target=no_target)
+
+
+def reason_seg_eval_records(items: list[ReasonSegItem]) -> list[SegmentationRecord]:
+    """:func:`reason_seg_eval_record` of every item, flagging no-target rows when any item's
+    main query has no target (else ``no_target=None`` everywhere, as before such queries)."""
+    flag = any(item.no_target for item in items)
+    return [reason_seg_eval_record(item, flag) for item in items]
 
 
 class ReasonSegSource:
@@ -310,6 +386,7 @@ class ReasonSegSource:
             raise ValueError("ReasonSeg training source has no images")
         self.items = items
         self.num_queries = num_queries
+        self.num_no_target = count_no_target_queries(items)
 
     def sample_record(self, rng: random.Random) -> SegmentationRecord:
         return reason_seg_train_record(rng.choice(self.items), rng, self.num_queries)

@@ -20,6 +20,13 @@ its refs in that split, each its own conversation with the fixed validation prom
 gRefCOCO (no-target and multi-target refs) is read by :mod:`utils.data.grefcoco` into the same
 :class:`ReferImage` records and can join the training family (``--refer_seg_data``).
 
+No-target training rounds (:mod:`utils.data.rejection`): a gRefCOCO no-target sentence, and a
+*false premise* (``--false_premise_fraction F``: each sentence of a refCLEF/refCOCO/+/g training
+sample is, with probability F, replaced by an expression of another image of the same dataset
+whose referred category is not annotated anywhere in this image), answer
+:data:`~utils.data.rejection.REJECTION_SENTENCE` and have no mask row. Both need the model's
+``--rejection answer`` or ``token`` (checked at start-up, :mod:`utils.data.no_target`).
+
 Behaviour on bad input: a missing or malformed ``refs(*).p``/``instances.json`` (or a ref that
 points to an unknown image or annotation) stops the run when the dataset is built, naming the
 file. Missing image files, images absent from the proposal store or with zero proposals are
@@ -34,6 +41,7 @@ import functools
 import logging
 import pickle
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +59,7 @@ from utils.data.dataset_files import (
     keep_available,
     open_proposal_store,
 )
+from utils.data.rejection import REJECTION_SENTENCE
 from utils.data.samples import SegmentationRecord
 from utils.proposal_store import ProposalReader
 from utils.text_files import DatasetFormatError
@@ -58,6 +67,7 @@ from utils.text_files import DatasetFormatError
 logger = logging.getLogger(__name__)
 
 SPLIT_BY = {"refclef": "unc", "refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+FALSE_PREMISE_TRIES = 20  # other images' sentences tried per replacement before keeping the query
 
 
 @dataclass
@@ -69,7 +79,10 @@ class ReferImage:
     multi-target refs have several and its no-target refs none); sentences of the same ref
     share one list. ``sentence_ids`` holds each sentence's ``sent_id`` (when the refs give them;
     they name the ``--pred_dir`` PNGs, one per expression); gRefCOCO also fills
-    ``no_target`` (whether it refers to nothing).
+    ``no_target`` (whether it refers to nothing). The refer sets fill ``categories`` (every
+    category annotated in the image; ``None`` when an annotation has none) and
+    ``sentence_categories`` (the referred annotation's category per sentence), which false
+    premises are drawn from.
     """
 
     dataset: str
@@ -82,6 +95,8 @@ class ReferImage:
     proposals: ProposalReader | None
     sentence_ids: list[int] | None = None
     no_target: list[bool] | None = None
+    categories: frozenset[int] | None = None
+    sentence_categories: list[int | None] | None = None
 
 
 def refer_root(dataset_dir: str | Path, name: str) -> Path:
@@ -115,6 +130,22 @@ def _ref_sentences(ref: dict, path: Path, index: int) -> list[tuple[int | None, 
     return [(sent_id, text) for sent_id, text in sentences if text]
 
 
+def _image_categories(annotations: list[dict]) -> dict[int, frozenset[int] | None]:
+    """``image id -> the categories annotated in it`` (``None`` for an image with an annotation
+    without ``category_id``: what it shows is then unknown)."""
+    categories: dict[int, set[int] | None] = {}
+    for annotation in annotations:
+        image_id = int(annotation["image_id"])
+        known = categories.setdefault(image_id, set())
+        if known is None:
+            continue
+        if annotation.get("category_id") is None:
+            categories[image_id] = None
+        else:
+            known.add(int(annotation["category_id"]))
+    return {k: (frozenset(v) if v is not None else None) for k, v in categories.items()}
+
+
 def load_refer_split(
     dataset_dir: str | Path,
     sam_masks_dir: str | Path | None,
@@ -142,10 +173,12 @@ def load_refer_split(
     try:
         images = coco_images(instances, str(instances_path))
         annotations = {int(a["id"]): a for a in instances["annotations"]}
+        image_categories = _image_categories(instances["annotations"])
     except (KeyError, TypeError, ValueError) as error:
         raise DatasetFormatError(f"{instances_path}: not a COCO-format file ({error!r})") from None
     by_image: dict[int, tuple[list, list]] = {}
     sent_ids: dict[int, list] = {}
+    sent_categories: dict[int, list] = {}
     for index, ref in enumerate(refs):
         if not isinstance(ref, dict) or ref.get("split") != split:
             continue
@@ -164,6 +197,9 @@ def load_refer_split(
         segmentation = annotations[ann_id].get("segmentation") or []
         texts += [text for _, text in sentences]
         sent_ids.setdefault(image_id, []).extend(sent_id for sent_id, _ in sentences)
+        category = annotations[ann_id].get("category_id")
+        category = None if category is None else int(category)
+        sent_categories.setdefault(image_id, []).extend([category] * len(sentences))
         segs += [[segmentation]] * len(sentences)
     if not by_image:
         known = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
@@ -198,6 +234,8 @@ def load_refer_split(
                 segs,
                 proposals,
                 sentence_ids=ids if all(i is not None for i in ids) else None,
+                categories=image_categories.get(image_id, frozenset()),
+                sentence_categories=sent_categories[image_id],
             )  # fmt: skip
         )
     items = keep_available(
@@ -211,7 +249,11 @@ def load_refer_split(
     return items
 
 
-def _record(image: ReferImage, conversations, rows: list[int], texts) -> SegmentationRecord:
+def _record(
+    image: ReferImage, conversations, rows: list[int], texts, no_target=None
+) -> SegmentationRecord:
+    """The record of ``conversations`` whose ``[SEG]`` answers have the targets of sentences
+    ``rows`` (in order; rejecting rounds have none), ``no_target`` flagging those rows."""
     return SegmentationRecord(
         image_path=image.image_path,
         conversations=conversations,
@@ -226,33 +268,46 @@ def _record(image: ReferImage, conversations, rows: list[int], texts) -> Segment
         name=image.image_path.stem,
         dataset=image.dataset,
         queries=list(texts),
-        no_target=tuple(image.no_target[r] for r in rows) if image.no_target else None,
+        no_target=no_target,
         prediction_names=(
             tuple(str(image.sentence_ids[r]) for r in rows) if image.sentence_ids else None
         ),
     )
 
 
+FalsePremise = Callable[[ReferImage, random.Random], "str | None"]
+
+
 def refer_train_record(
-    image: ReferImage, rng: random.Random, num_sentences: int = 3
+    image: ReferImage,
+    rng: random.Random,
+    num_sentences: int = 3,
+    false_premise: FalsePremise | None = None,
 ) -> SegmentationRecord:
     """Up to ``num_sentences`` of the image's pooled sentences, SHORT template, lower-cased.
 
-    Raises ``DatasetFormatError`` when the annotation's size is not the image's.
+    A no-target sentence (gRefCOCO), or one that ``false_premise(image, rng)`` replaces by an
+    expression of something absent, answers :data:`~utils.data.rejection.REJECTION_SENTENCE`
+    and has no mask row. Raises ``DatasetFormatError`` when the annotation's size is not the
+    image's.
     """
     check_image_size(image.image_path, (image.height, image.width), image.dataset)
     rows = rng.sample(range(len(image.sentences)), min(num_sentences, len(image.sentences)))
-    texts = [image.sentences[r] for r in rows]
-    conversations = [
-        [
-            (
-                rng.choice(SHORT_QUESTION_TEMPLATES).format(class_name=text.lower()),
-                rng.choice(ANSWER_TEMPLATES),
-            )
-        ]
-        for text in texts
-    ]
-    return _record(image, conversations, rows, texts)
+    texts, rejected = [], []
+    for row in rows:
+        text, no_target = image.sentences[row], bool(image.no_target and image.no_target[row])
+        if false_premise is not None and not no_target:
+            replacement = false_premise(image, rng)
+            text, no_target = (text, False) if replacement is None else (replacement, True)
+        texts.append(text)
+        rejected.append(no_target)
+    conversations = []
+    for text, no_target in zip(texts, rejected):
+        question = rng.choice(SHORT_QUESTION_TEMPLATES).format(class_name=text.lower())
+        answer = rng.choice(ANSWER_TEMPLATES)  # drawn anyway: later rounds' draws stay put
+        conversations.append([(question, REJECTION_SENTENCE if no_target else answer)])
+    mask_rows = [row for row, no_target in zip(rows, rejected) if not no_target]
+    return _record(image, conversations, mask_rows, texts)
 
 
 def refer_eval_record(image: ReferImage) -> SegmentationRecord:
@@ -261,33 +316,75 @@ def refer_eval_record(image: ReferImage) -> SegmentationRecord:
     conversations = [
         [(VALIDATION_SHORT_QUESTION.format(class_name=text), VALIDATION_ANSWER)] for text in texts
     ]
-    return _record(image, conversations, list(range(len(texts))), texts)
+    no_target = tuple(image.no_target) if image.no_target else None
+    return _record(image, conversations, list(range(len(texts))), texts, no_target)
+
+
+def check_false_premise_fraction(fraction: float) -> float:
+    """``fraction`` if it is in [0, 1], else ``ValueError`` naming the flag."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"--false_premise_fraction must be in [0, 1], got {fraction}")
+    return fraction
+
+
+def draw_false_premise(
+    fraction: float, images: list[ReferImage], image: ReferImage, rng: random.Random
+) -> str | None:
+    """With probability ``fraction``, a sentence of another of ``images`` whose referred category
+    is not annotated in ``image``; else, or when :data:`FALSE_PREMISE_TRIES` draws find none (or
+    ``image``'s categories are unknown), ``None``."""
+    if rng.random() >= fraction or image.categories is None:
+        return None
+    for _ in range(FALSE_PREMISE_TRIES):
+        other = images[rng.randrange(len(images))]
+        if other is image or not other.sentence_categories:
+            continue
+        index = rng.randrange(len(other.sentences))
+        category = other.sentence_categories[index]
+        if category is not None and category not in image.categories:
+            return other.sentences[index]
+    return None
 
 
 class ReferSegSource:
-    """Training source: a uniformly chosen refer dataset, then a random image of it."""
+    """Training source: a uniformly chosen refer dataset, then a random image of it
+    (``false_premise_fraction``: see the module docstring)."""
 
     name = "refer_seg"
 
-    def __init__(self, datasets: dict[str, list[ReferImage]], num_sentences: int = 3):
+    def __init__(
+        self,
+        datasets: dict[str, list[ReferImage]],
+        num_sentences: int = 3,
+        false_premise_fraction: float = 0.0,
+    ):
         self.datasets = {name: images for name, images in datasets.items() if images}
         if not self.datasets:
             raise ValueError("refer_seg training source has no images (check --refer_seg_data)")
         self.names = list(self.datasets)
         self.num_sentences = num_sentences
+        self.false_premise_fraction = check_false_premise_fraction(false_premise_fraction)
         self.skipped: dict[str, int] = {}
 
     def _draw(self, rng: random.Random) -> SegmentationRecord:
         images = self.datasets[self.names[rng.randrange(len(self.names))]]
-        return refer_train_record(images[rng.randrange(len(images))], rng, self.num_sentences)
+        image = images[rng.randrange(len(images))]
+        false_premise = None
+        if self.false_premise_fraction > 0:  # no draws at 0, so the samples stay as without it
+            false_premise = functools.partial(
+                draw_false_premise, self.false_premise_fraction, images
+            )
+        return refer_train_record(image, rng, self.num_sentences, false_premise)
 
     def sample_record(self, rng: random.Random) -> SegmentationRecord:
         return draw_usable(lambda: self._draw(rng), self.skipped, self.name)
 
 
-def load_refer_train(dataset_dir, sam_masks_dir, names: str, num_sentences: int = 3):
+def load_refer_train(
+    dataset_dir, sam_masks_dir, names: str, num_sentences: int = 3, false_premise_fraction=0.0
+):
     """The :class:`ReferSegSource` of ``--refer_seg_data`` (``"refclef||refcoco||..."``; also
-    ``grefcoco``, whose no-target sentences train towards an all-zero mask, as LISA's)."""
+    ``grefcoco``, whose no-target sentences answer the rejection sentence)."""
     from utils.data.grefcoco import GREFCOCO, load_grefcoco_split  # it builds on this module
 
     datasets = {}
@@ -301,4 +398,4 @@ def load_refer_train(dataset_dir, sam_masks_dir, names: str, num_sentences: int 
                 f"{sorted([*SPLIT_BY, GREFCOCO])}"
             )
         datasets[name] = load_refer_split(dataset_dir, sam_masks_dir, name, "train")
-    return ReferSegSource(datasets, num_sentences)
+    return ReferSegSource(datasets, num_sentences, false_premise_fraction)

@@ -24,7 +24,8 @@ from tests.utils.data.loader_fixtures import (
 from utils.data.builders import eval_records
 from utils.data.conversation import VALIDATION_ANSWER, VALIDATION_SHORT_QUESTION
 from utils.data.grefcoco import load_grefcoco_split, parse_grefcoco_spec
-from utils.data.refer_seg import load_refer_train
+from utils.data.refer_seg import ReferSegSource, load_refer_train
+from utils.data.rejection import REJECTION_SENTENCE
 from utils.text_files import DatasetFormatError
 
 FILES = {1: "COCO_train2014_000000000001.jpg", 2: "COCO_train2014_000000000002.jpg",
@@ -150,14 +151,34 @@ def test_spec_parsing_and_upstream_layout(grefcoco, tmp_path):
     assert [i.sentence_ids for i in images] == [[1000, 1001, 1002, 1003], [1004, 1005]]
 
 
-def test_training_family_draws_no_target_sentences_as_empty_masks(grefcoco):
+def test_training_family_answers_no_target_sentences_with_the_rejection_sentence(grefcoco):
     source = load_refer_train(*grefcoco, "grefcoco", num_sentences=2)
-    record = source.sample_record(random.Random(0))
-    assert record.dataset == "grefcoco"
-    by_query = dict(zip(record.queries, record.masks(HEIGHT, WIDTH)))
-    assert by_query == {k: by_query[k] for k in ("left half", "the cat")}
-    assert np.array_equal(by_query["left half"], box(0, 0, 15, 20))
-    assert not by_query["the cat"].any()
+    for seed in range(4):
+        record = source.sample_record(random.Random(seed))
+        assert record.dataset == "grefcoco"
+        assert sorted(record.queries) == ["left half", "the cat"]
+        answers = {query: turns[0][1] for query, turns in zip(record.queries, record.conversations)}
+        assert answers["the cat"] == REJECTION_SENTENCE
+        assert "[SEG]" in answers["left half"]
+        # One mask row, the target's: the rejecting round has none.
+        (mask,) = record.masks(HEIGHT, WIDTH)
+        assert np.array_equal(mask, box(0, 0, 15, 20))
+        assert record.no_target is None  # training records flag nothing; no row is no-target
+
+
+def test_training_records_of_multi_target_refs_are_unions(grefcoco):
+    images = load_grefcoco_split(*grefcoco, "val")
+    source = ReferSegSource({"grefcoco": images[:1]}, num_sentences=4)
+    record = source.sample_record(random.Random(1))
+    rejecting = [q for q, t in zip(record.queries, record.conversations) if "[SEG]" not in t[0][1]]
+    assert rejecting == ["the giraffe"]
+    kept = [q for q in record.queries if q != "the giraffe"]
+    masks = record.masks(HEIGHT, WIDTH)
+    both = np.maximum(LEFT, RIGHT)  # the non-crowd annotations of refs 100-101, crowd left out
+    expected = {"Left Box": LEFT, "all boxes": both, "both top boxes": both}
+    assert len(masks) == len(kept) == 3
+    for query, mask in zip(kept, masks):
+        assert np.array_equal(mask, expected[query]), query
 
 
 def test_pickled_refs_and_cp1252_json(tmp_path):
