@@ -133,6 +133,7 @@ def build_encoder(
         ref_placement=getattr(config, "ref_placement", "inline"),
         reference_crops=getattr(config, "mask_encoder", "none") == "crop_cls",
         sam_image_size=sam_image_size,
+        rejection=getattr(config, "rejection", "none"),
     )
     return SampleEncoder(tokenizer, conversation_format(config.conv_type), settings)
 
