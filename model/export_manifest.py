@@ -72,6 +72,7 @@ class ExportPreprocessing:
     top_k_proposals: int = 50
     proposal_order: str = "area"
     antialias: bool = True
+    ref_placement: str = "inline"  # SegLLM: where a <ref> stands (exports before it: inline)
 
 
 @dataclass
@@ -91,7 +92,7 @@ class ExportManifest:
         """The model / data config fields a sample encoder needs (``build_encoder``'s)."""
         sizes = (
             "vision_tower", "dino_image_size", "proposal_map_size", "model_max_length",
-            "tokenization",
+            "tokenization", "mask_encoder", "rejection",
         )  # fmt: skip
         fields = {name: getattr(self.model, name) for name in sizes}
         return {**fields, **dataclasses.asdict(self.preprocessing)}

@@ -346,6 +346,8 @@ def test_exports_carry_the_multi_round_parts(scene, tiny_checkpoints, tmp_path, 
     assert loaded.model.mask_encoder is not None
     assert loaded.tokenizer.convert_tokens_to_ids(REF_TOKEN) == loaded.model.ref_token_id
     assert loaded.manifest.model.mask_encoder == "pooled"
+    fields = loaded.manifest.encoder_fields()  # what eval.py --model_dir encodes with
+    assert (fields["mask_encoder"], fields["ref_placement"]) == ("pooled", "inline")
     got = loaded.model.score(batch)
     for want, have in zip(
         expected.similarities + expected.ref_similarities, got.similarities + got.ref_similarities

@@ -177,6 +177,7 @@ def test_a_rejection_trained_model_rejects_the_absent_and_segments_the_present(
         save_export(model, tokenizer, manifest, tmp_path / kind)
         loaded = load_exported(tmp_path / kind)
         assert loaded.model.rejection == mode
+        assert loaded.manifest.encoder_fields()["rejection"] == mode  # what eval.py encodes with
         assert (REJ_TOKEN in loaded.tokenizer.get_vocab()) == (mode == "token")
         again = evaluate(
             loaded.model, EvaluationDataset(records, encoder), SelectionSettings("argmax"),
