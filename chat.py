@@ -24,6 +24,9 @@ any inputs that failed (unreadable image, missing proposals) with the reason. Wi
 ``--multi_round`` every conversation writes ``<out_dir>/<image stem>/round_<k>_mask.png``,
 ``round_<k>_overlay.png`` (this round in red, the rounds it refers to outlined in yellow) and
 ``round_<k>.json``; each round reuses the image features and the KV cache of the earlier ones.
+Files of these names are replaced only when an earlier ``chat.py`` run wrote them (its
+``chat_config.json`` in ``--out_dir``) or with ``--overwrite``; the interactive modes, whose names
+are not known in advance, ask the same of any non-empty ``--out_dir``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from utils.cli import run_cli
 from utils.config import save_config
 from utils.data.images import ImageReadError, load_rgb_image
 from utils.logging_setup import setup_logging
+from utils.outputs import refuse_to_replace
 
 logger = logging.getLogger("chat")
 
@@ -76,6 +80,9 @@ class ChatConfig(SegmenterConfig):
         metadata={"help": "print the exact text, tokens and ids the model reads (the image as "
                   "one -200) and write them into each query's JSON"},
     )  # fmt: skip
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace files in --out_dir chat.py did not write"}
+    )
 
 
 @dataclass
@@ -375,6 +382,25 @@ def interactive_multi_round(segmenter: Segmenter, out_dir: Path, image_path: str
             sys.stdout.write(f"Mask: {out_dir / Path(path).stem / record['mask']}\n")
 
 
+def check_out_dir(config: ChatConfig, names: list[str] | None) -> None:
+    """Stop before the model is built if ``--out_dir`` holds files of the ``names`` this run
+    writes (``None``: not known in advance, so any file) that an earlier chat.py did not write."""
+    out_dir = Path(config.out_dir)
+    if names is None:
+        paths = sorted(out_dir.iterdir()) if out_dir.is_dir() else [out_dir]
+    else:
+        paths = [out_dir / name for name in ("chat_config.json", *names)]
+    refuse_to_replace(
+        paths, config.overwrite, "chat.py", "--out_dir", out_dir / "chat_config.json", ChatConfig
+    )
+
+
+def _output_names(items: list[ChatItem], batch: bool) -> list[str]:
+    suffixes = (".json", "_mask.png", "_overlay.png")
+    names = [f"{item.name}{suffix}" for item in items for suffix in suffixes]
+    return [*names, "summary.json"] if batch else names
+
+
 def main(config: ChatConfig, segmenter: Segmenter | None = None):
     """Run ``config``: one image, a batch, or the interactive prompt.
 
@@ -390,6 +416,7 @@ def main(config: ChatConfig, segmenter: Segmenter | None = None):
     if config.multi_round:
         return _main_multi_round(config, segmenter)
     items = list_inputs(config) if (config.image or config.input) else None
+    check_out_dir(config, None if items is None else _output_names(items, not config.image))
     segmenter = segmenter or build_segmenter(config)  # fails before anything is written
     out_dir = Path(config.out_dir)
     save_config(config, out_dir / "chat_config.json")
@@ -402,6 +429,8 @@ def main(config: ChatConfig, segmenter: Segmenter | None = None):
 
 def _main_multi_round(config: ChatConfig, segmenter: Segmenter | None):
     conversations = read_conversations(Path(config.input)) if config.input else None
+    folders = None if conversations is None else [image.stem for image, *_ in conversations]
+    check_out_dir(config, folders)
     segmenter = segmenter or build_segmenter(config)
     if segmenter.model.mask_encoder is None:
         raise ValueError(

@@ -47,7 +47,7 @@ from model.backbones.llava_checkpoint import read_llava_config
 from model.backbones.sam import build_sam, infer_sam_architecture, save_sam
 from model.builder import LLMSegConfig
 from model.convert_llmseg_checkpoint import MappedCheckpoint, _compare, _language_model
-from model.export import load_vision_tower, save_export
+from model.export import check_export_target, load_vision_tower, save_export
 from model.export_manifest import ExportManifest, ExportPreprocessing, describe_model
 from model.heads.sam_decoder import SamMaskHead
 from model.llm_seg import LLMSegModel
@@ -140,6 +140,7 @@ def main(config: ConvertLisaConfig) -> dict:
     for name in ("checkpoint", "out_dir"):
         if not getattr(config, name):
             raise ValueError(f"--{name} is required")
+    check_export_target(config.out_dir, config.overwrite)
     folder = Path(config.checkpoint)
     raw = read_llava_config(folder)
     vision_tower = config.vision_tower or raw.get("mm_vision_tower", "")

@@ -70,7 +70,7 @@ from model.backbones.features import DinoFeatureExtractor
 from model.backbones.llava import LlavaBackbone, build_projector
 from model.backbones.llava_checkpoint import llama_config_from_llava, read_llava_config
 from model.builder import LLMSegConfig
-from model.export import load_vision_tower, save_export
+from model.export import check_export_target, load_vision_tower, save_export
 from model.export_manifest import (
     ExportManifest,
     ExportPreprocessing,
@@ -328,6 +328,7 @@ def main(config: ConvertConfig) -> dict:
     for name in ("checkpoint", "version", "vision_tower", "out_dir"):
         if not getattr(config, name):
             raise ValueError(f"--{name} is required")
+    check_export_target(config.out_dir, config.overwrite)
     dtype = resolve_dtype(config.dtype)
     weights = read_training_weights(config.checkpoint, config.which, "module")
     mapped = map_upstream_keys(weights.state)

@@ -85,13 +85,19 @@ from utils.tokenizer import IMAGE_TOKEN, REF_TOKEN, SEG_TOKEN, load_tokenizer
 logger = logging.getLogger(__name__)
 
 
+def check_export_target(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an existing ``out_dir`` unless ``overwrite``: called before the model is built
+    (a 7B model takes minutes), and again when the export is written."""
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite)")
+
+
 class _StagedFolder:
     """Write into ``<out>.partial``, then move it to ``out`` in one rename (no half exports)."""
 
     def __init__(self, out_dir: str | os.PathLike, overwrite: bool) -> None:
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not overwrite:
-            raise FileExistsError(f"{self.out_dir} exists; pass overwrite=True (--overwrite)")
+        check_export_target(self.out_dir, overwrite)
         self.tmp = self.out_dir.with_name(f"{self.out_dir.name}.partial-{os.getpid()}")
 
     def __enter__(self) -> Path:
@@ -445,6 +451,7 @@ def export_training_run(
         raise ValueError(f"unknown export kind {kind!r}; expected {EXPORT_KINDS}")
     if not Path(checkpoint).exists():
         raise CheckpointError(f"{checkpoint}: no such checkpoint file or folder")
+    check_export_target(out_dir, overwrite)
     config_path = Path(run_config) if run_config else find_run_config(checkpoint)
     run = {**json.loads(config_path.read_text()), **(model_overrides or {})}
     run.setdefault("tokenization", "hf")  # runs from before the setting: trained with hf

@@ -44,9 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.builder import LLMSegConfig, tiny_llm_seg_config
-from model.tiny import TinyCheckpoints, TinySizes, write_tiny_checkpoints
+from model.tiny import TinyCheckpoints, TinySizes, kit_outputs, write_tiny_checkpoints
 from utils.cli import run_cli
 from utils.config import save_config
+from utils.outputs import refuse_to_replace
 from utils.tokenizer import DEFAULT_CORPUS, train_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -129,12 +130,20 @@ class DemoPresetConfig:
     )
     out_dir: str = field(default="checkpoints", metadata={"help": "where checkpoints go"})
     seed: int = field(default=0, metadata={"help": "initialisation seed"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace files in --out_dir this command did not write"}
+    )
 
 
 def main(config: DemoPresetConfig) -> list[str]:
     """Write the checkpoints and ``model_args.txt``; return the model flags."""
-    texts = read_query_texts(config.dataset_dir, "train")
     out_dir = Path(config.out_dir)
+    outputs = [*kit_outputs(out_dir), out_dir / "config.json", out_dir / MODEL_ARGS_FILE]
+    refuse_to_replace(
+        outputs, config.overwrite, "model.presets", "--out_dir", out_dir / "config.json",
+        DemoPresetConfig,
+    )  # fmt: skip
+    texts = read_query_texts(config.dataset_dir, "train")
     checkpoints = write_demo_checkpoints(out_dir, texts, config.seed)
     arguments = config_arguments(demo_llm_seg_config(checkpoints))
     save_config(config, out_dir / "config.json")

@@ -29,9 +29,10 @@ from transformers import (
 
 from model.backbones.llava import LlavaBackbone, build_projector
 from model.backbones.llava_checkpoint import save_clip_vision_tower, save_llava_original
-from model.backbones.sam import SamArchitecture, build_sam, save_sam
+from model.backbones.sam import SamArchitecture, architecture_path, build_sam, save_sam
 from utils.cli import run_cli
 from utils.config import save_config
+from utils.outputs import refuse_to_replace
 from utils.tokenizer import IMAGE_TOKEN, add_llm_seg_tokens, train_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -200,6 +201,20 @@ class TinyCheckpoints:
     sam: Path  # sam_vit_*.pth-style state dict (+ .json architecture beside it)
 
 
+def tiny_checkpoint_paths(root: str | os.PathLike) -> TinyCheckpoints:
+    """Where :func:`write_tiny_checkpoints` puts each component under ``root``."""
+    root = Path(root)
+    return TinyCheckpoints(
+        llava=root / "llava", clip=root / "clip", dinov2=root / "dinov2", sam=root / "sam_tiny.pth"
+    )
+
+
+def kit_outputs(root: str | os.PathLike) -> list[Path]:
+    """Every file and folder :func:`write_tiny_checkpoints` replaces under ``root``."""
+    paths = tiny_checkpoint_paths(root)
+    return [paths.llava, paths.clip, paths.dinov2, paths.sam, architecture_path(paths.sam)]
+
+
 def write_tiny_checkpoints(
     root: str | os.PathLike,
     projector_type: str = "linear",
@@ -208,10 +223,7 @@ def write_tiny_checkpoints(
     tokenizer=None,
 ) -> TinyCheckpoints:
     """Build every tiny component and write it under ``root`` in the real on-disk layouts."""
-    root = Path(root)
-    paths = TinyCheckpoints(
-        llava=root / "llava", clip=root / "clip", dinov2=root / "dinov2", sam=root / "sam_tiny.pth"
-    )
+    paths = tiny_checkpoint_paths(root)
     backbone, tokenizer, clip = build_tiny_llava(tokenizer, projector_type, sizes, seed)
     save_clip_vision_tower(clip, paths.clip)
     save_llava_original(paths.llava, backbone, tokenizer, paths.clip, projector_type)
@@ -231,9 +243,17 @@ class TinyKitConfig:
         default="linear", metadata={"help": "LLaVA projector", "choices": ["linear", "mlp2x_gelu"]}
     )
     seed: int = dataclasses.field(default=0, metadata={"help": "initialisation seed"})
+    overwrite: bool = dataclasses.field(
+        default=False, metadata={"help": "replace files in --out_dir this command did not write"}
+    )
 
 
 def main(config: TinyKitConfig) -> TinyCheckpoints:
+    root = Path(config.out_dir)
+    refuse_to_replace(
+        [*kit_outputs(root), root / "config.json"], config.overwrite, "model.tiny", "--out_dir",
+        root / "config.json", TinyKitConfig,
+    )  # fmt: skip
     paths = write_tiny_checkpoints(config.out_dir, config.projector_type, seed=config.seed)
     save_config(config, Path(config.out_dir) / "config.json")
     for name, path in dataclasses.asdict(paths).items():

@@ -5,7 +5,9 @@ by ``--stores``), writes ``masks.json`` beside it in the schema upstream's ``SAM
 reads (documented in `utils.proposal_store`): a list of
 ``{"image", "target_size", "masks": [AMG records with COCO RLE "segmentation"]}``. Records are
 streamed one image at a time (memory does not grow with the dataset) into a temporary file that
-replaces ``masks.json`` only when complete.
+replaces ``masks.json`` only when complete. A ``masks.json`` already there (upstream's released
+proposals, or an earlier conversion) is replaced only with ``--overwrite``: the command stops
+first, naming every one.
 
     python -m prepare_datasets.convert_h5_to_json --sam_masks_dir ./dataset/sam_masks
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from utils.cli import run_cli
 from utils.config import save_config
+from utils.outputs import refuse_to_replace
 from utils.proposal_store import H5_NAME, JSON_NAME, ImageProposals, ProposalReader
 
 logger = logging.getLogger(__name__)
@@ -33,6 +36,9 @@ class ConvertConfig:
     stores: str = field(
         default="",
         metadata={"help": "comma-separated store dirs relative to the root (default: all)"},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace masks.json files already beside the stores"}
     )
 
 
@@ -97,6 +103,7 @@ def main(config: ConvertConfig) -> list[Path]:
     stores = find_stores(config)
     if not stores:
         raise FileNotFoundError(f"no {H5_NAME} under {config.sam_masks_dir}")
+    refuse_to_replace([store.with_name(JSON_NAME) for store in stores], config.overwrite)
     save_config(config, Path(config.sam_masks_dir) / "convert_config.json")
     written = []
     for store in stores:

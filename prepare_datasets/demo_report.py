@@ -40,6 +40,7 @@ from utils.data.images import load_rgb_image
 from utils.data.reason_seg import load_reason_seg_split
 from utils.masks import mask_iou_iop
 from utils.metrics import IGNORE_LABEL, resize_nearest
+from utils.outputs import refuse_to_replace
 from utils.proposal_store import top_k_indices
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class DemoReportConfig:
     )
     stage_seconds: str = field(
         default="", metadata={"help": "wall time per stage, e.g. 'generate=3,train=250'"}
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace a metrics.json or vis/ in --out_dir this command did not write"},
     )
 
 
@@ -262,6 +267,10 @@ def main(config: DemoReportConfig) -> dict:
     if not metrics_path.is_file():
         raise FileNotFoundError(f"--eval_dir {eval_dir}: no metrics.json (run eval.py first)")
     out_dir = Path(config.out_dir)
+    refuse_to_replace(
+        [out_dir / "metrics.json", out_dir / "vis"], config.overwrite, "demo_report", "--out_dir",
+        out_dir / "report_config.json", DemoReportConfig,
+    )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "report_config.json")
     baselines = proposal_baselines(

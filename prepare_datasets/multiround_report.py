@@ -41,6 +41,7 @@ from utils.config import save_config, write_json_atomic
 from utils.data.images import load_rgb_image
 from utils.data.reason_seg import load_reason_seg_split
 from utils.masks import labelme_to_mask
+from utils.outputs import refuse_to_replace
 from utils.proposal_store import top_k_indices
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ class MultiRoundReportConfig:
     top_k_proposals: int = field(default=50, metadata={"help": "proposals the model chose from"})
     stage_seconds: str = field(default="", metadata={"help": "name=seconds,... of the stages"})
     max_strips: int = field(default=20, metadata={"help": "conversation strips drawn"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace a metrics.json or vis/ in --out_dir this command did not write"},
+    )
 
 
 def conversation_rounds(dataset_dir, sam_masks_dir, split: str, top_k: int) -> list[RoundInfo]:
@@ -243,6 +248,10 @@ def main(config: MultiRoundReportConfig) -> dict:
     if not evaluations:
         raise ValueError("--eval_dirs is required")
     out_dir = Path(config.out_dir)
+    refuse_to_replace(
+        [out_dir / "metrics.json", out_dir / "vis"], config.overwrite, "multiround_report",
+        "--out_dir", out_dir / "multiround_report_config.json", MultiRoundReportConfig,
+    )  # fmt: skip
     rounds = conversation_rounds(
         config.dataset_dir, config.sam_masks_dir, config.split, config.top_k_proposals
     )

@@ -11,7 +11,8 @@ embedding equals a fresh pass (fp32 exactly; fp16 to about 1e-3)::
         --out sam_masks/sam_embeddings/vit_h.h5
 
 A rerun continues where an interrupted one stopped (``<out>.partial``); ``<out>`` appears only
-when every image is in.
+when every image is in. An existing ``<out>`` is replaced only when an earlier run of this command
+wrote it (its ``<out stem>_config.json`` beside it) or with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from utils.config import save_config
 from utils.data.images import ImageReadError, load_rgb_image, preprocess_for_dinov2
 from utils.device import resolve_device
 from utils.embedding_store import EmbeddingStoreWriter, content_key, encoder_fingerprint
+from utils.outputs import refuse_to_replace
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ class SamEmbeddingsConfig:
     )
     batch_size: int = field(default=4, metadata={"help": "images per encoder pass"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace an --out this command did not write"}
+    )
 
     def __post_init__(self):
         for name in ("sam_checkpoint", "image_dirs", "out"):
@@ -74,14 +79,18 @@ def _images(image_dirs: str) -> list[Path]:
 
 def main(config: SamEmbeddingsConfig) -> Path:
     """Write the store; return its path."""
+    out = Path(config.out)
+    config_path = out.with_name(out.stem + "_config.json")
+    refuse_to_replace(
+        [out], config.overwrite, "prepare_sam_embeddings", "--out", config_path, SamEmbeddingsConfig
+    )
     device = resolve_device(config.device)
     sam = load_sam(config.sam_checkpoint, config.sam_model_type).eval()
     encoder, side = sam.image_encoder, sam.image_encoder.img_size
     fingerprint = encoder_fingerprint(encoder, side)
     encoder.to(device)
     images = _images(config.image_dirs)
-    out = Path(config.out)
-    save_config(config, out.with_name(out.stem + "_config.json"))
+    save_config(config, config_path)
     writer = EmbeddingStoreWriter(out, fingerprint, config.dtype)
     try:
         keys = {}

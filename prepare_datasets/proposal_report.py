@@ -36,6 +36,7 @@ from prepare_datasets.annotations import TargetImage
 from utils.cli import run_cli
 from utils.config import build_parser, save_config
 from utils.masks import binary_ground_truth, mask_iou_iop, resize_nearest
+from utils.outputs import refuse_to_replace
 from utils.proposal_store import PROPOSAL_ORDERS, ProposalReader, top_k_indices
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class ReportConfig:
             "help": "flags for the datasets' prepare configs, e.g. '--splits val' "
             "(flags a dataset does not know are ignored)"
         },
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace an --output this command did not write"}
     )
 
 
@@ -209,9 +213,13 @@ def main(config: ReportConfig) -> dict[str, dict]:
     unknown = [n for n in names if n not in DATASETS]
     if unknown:
         raise ValueError(f"unknown datasets {unknown}; expected some of {list(DATASETS)}")
-    rows = {name: report_dataset(name, config) for name in names}
     output = Path(config.output or Path(config.sam_masks_dir) / "proposal_report.json")
-    save_config(config, output.with_name(output.stem + "_config.json"))
+    config_path = output.with_name(output.stem + "_config.json")
+    refuse_to_replace(
+        [output], config.overwrite, "proposal_report", "--output", config_path, ReportConfig
+    )
+    rows = {name: report_dataset(name, config) for name in names}
+    save_config(config, config_path)
     tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
     tmp.write_text(
         json.dumps({"top_k": config.top_k, "order": config.order, "datasets": rows}, indent=2)
