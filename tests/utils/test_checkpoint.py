@@ -43,7 +43,8 @@ def test_shape_mismatch_is_named():
     state = _net().state_dict()
     state["0.weight"] = torch.zeros(5, 3)
     with pytest.raises(
-        CheckpointError, match=r"0\.weight \(checkpoint \(5, 3\) vs model \(4, 3\)\)"
+        CheckpointError,
+        match=r"^ckpt\.pth does not match .*0\.weight \(checkpoint \(5, 3\) vs model \(4, 3\)\)",
     ):
         load_state_dict_strict(_net(), state, source="ckpt.pth")
 
@@ -60,6 +61,16 @@ def test_missing_file_and_empty_folder_errors(tmp_path):
         load_state_dict(tmp_path / "nope.pth")
     with pytest.raises(CheckpointError, match="no weight file found"):
         load_state_dict(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.pth"])
+def test_truncated_checkpoint_names_the_file(tmp_path, name):
+    path = save_state_dict(_net().state_dict(), tmp_path / name)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a copy or a download cut short
+    with pytest.raises(CheckpointError, match=f"^{path}: ") as error:
+        load_state_dict(path)
+    assert "\n" not in str(error.value).strip()
 
 
 def test_unreadable_safetensors_and_index_are_named(tmp_path):

@@ -193,3 +193,16 @@ def test_damaged_h5_store_is_a_format_error_naming_it(tmp_path):
         del file["images/offset"]
     with pytest.raises(DatasetFormatError, match=f"{path}: truncated or corrupt.*offset"):
         ProposalReader(path)
+
+
+def test_damaged_chunk_names_the_store_and_the_image(tmp_path):
+    path = tmp_path / "masks.h5"
+    with H5StoreWriter(path) as writer:
+        for i in range(2):
+            writer.add(f"img{i}.jpg", random_proposals(i, 3))
+    with h5py.File(path, "a") as file:
+        del file["proposals/rle_bytes"]  # the index still opens; one image's data does not
+    reader = ProposalReader(path)
+    assert reader.names() == ["img0.jpg", "img1.jpg"]
+    with pytest.raises(DatasetFormatError, match=f"{path}: image 'img1.jpg': its proposals cannot"):
+        reader.get("img1.jpg")
