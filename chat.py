@@ -289,8 +289,12 @@ def write_round(out_dir: Path, image: np.ndarray, result: RoundResult, rounds: l
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"round_{result.index}"
     _save_png(result.mask.astype(np.uint8) * 255, out_dir / f"{stem}_mask.png")
-    shown = overlay(image, result.mask, (255, 0, 0))
-    outline_masks(shown, [rounds[k - 1].mask for k in result.references])
+    # As write_answer: small pictures enlarged, a cyan outline visible on red objects.
+    big, big_mask, *references = enlarge_small(
+        image, result.mask, *[rounds[k - 1].mask for k in result.references]
+    )
+    shown = overlay(big, big_mask, (255, 0, 0), outline=(0, 255, 255))
+    outline_masks(shown, references)
     _save_png(
         _captioned(shown, f"round {result.index}: {result.query}"), out_dir / f"{stem}_overlay.png"
     )

@@ -137,7 +137,16 @@ def test_chat_multi_round_script_and_interactive(exported, scene, tmp_path, monk
         saved = np.asarray(Image.open(folder / written["mask"])) > 0
         np.testing.assert_array_equal(saved, expected)
         assert json.loads((folder / f"round_{written['round']}.json").read_text()) == written
-        assert (folder / written["overlay"]).is_file()
+        shown = np.asarray(Image.open(folder / written["overlay"]).convert("RGB"))
+        height, width = saved.shape
+        factor = -(-256 // min(height, width))  # small pictures enlarged, as eval's overlays
+        assert shown.shape[1] == width * max(factor, 1)
+        assert shown.shape[0] > height * max(factor, 1)  # the caption above
+        referred = [records[k - 1]["mask_area"] for k in written["references"]]
+        if saved.any() and not referred:  # the mask's outline stays visible on a red object
+            assert (shown == (0, 255, 255)).all(axis=2).any()
+        if any(referred):  # the rounds it refers to, outlined in yellow (drawn last)
+            assert (shown == (255, 220, 0)).all(axis=2).any()
     assert records[1]["cached_tokens"] > 0
     # Interactive: rounds, a bad reference (an error line, not a crash), clear history, exit.
     answers = iter([str(image), QUERIES[0], "the box [REF:5]", QUERIES[1], "clear history",
