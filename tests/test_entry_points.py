@@ -306,6 +306,7 @@ TRAINING = ["--version", "{t}", "--log_base_dir", "{t}/runs", "--dataset", "reas
         (["--grad_accumulation_steps", "0"], "--grad_accumulation_steps"),
         (["--sample_rates", "1,1"], "--sample_rates"),
         (["--sample_rates", "0"], "--sample_rates"),
+        (["--sample_rates", "one"], "--sample_rates"),
     ],
 )
 def test_training_checks_its_numbers_before_building_anything(argv, flag, run, tmp_path):

@@ -40,7 +40,12 @@ class RecordSource(Protocol):
 def parse_mixture(datasets: str, sample_rates: str) -> list[tuple[str, float]]:
     """``"sem_seg||refer_seg", "9,3"`` -> ``[("sem_seg", 0.75), ("refer_seg", 0.25)]``."""
     names = [n for n in datasets.split("||") if n]
-    rates = [float(r) for r in sample_rates.split(",") if r.strip()]
+    try:
+        rates = [float(r) for r in sample_rates.split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--sample_rates must be comma-separated numbers, got {sample_rates!r}: --sample_rates"
+        ) from None
     if len(names) != len(rates):
         raise ValueError(
             f"--dataset lists {len(names)} families ({names}) but --sample_rates gives "
