@@ -10,7 +10,12 @@
 * ``oracle_giou``: the gIoU of always picking the best single proposal (the ceiling of
   ``argmax`` selection over these proposals);
 * ``per_query_type`` (and ``per_query_length``: short/long): the same four numbers per group;
-* ``stage_seconds``: wall time of each demo stage, when given.
+* ``stage_seconds``: wall time of each demo stage, when given;
+* with no-target queries (``prepare_synthetic --no_target_queries``): ``n_acc`` / ``t_acc`` (the
+  gRefCOCO measures, from ``eval.py``); such a query's chance is 0 (every proposal is an answer)
+  and its oracle 1 (the right answer, nothing, is a rejection, not a proposal);
+* with ``--free_eval_dir`` (``eval.py --mode free``): ``free``, the same numbers when the model
+  writes its own answers, and the share of answers with no / one / several ``[SEG]``.
 
 The overlays are copied to ``<out_dir>/vis/`` and :func:`format_table` renders the summary that
 the demo prints. Per-image IoUs follow :mod:`utils.metrics` exactly (prediction resized nearest
@@ -63,6 +68,9 @@ class DemoReportConfig:
     )
     stage_seconds: str = field(
         default="", metadata={"help": "wall time per stage, e.g. 'generate=3,train=250'"}
+    )
+    free_eval_dir: str = field(
+        default="", metadata={"help": "eval.py --mode free --out_dir of the same split (optional)"}
     )
     overwrite: bool = field(
         default=False,
@@ -120,13 +128,17 @@ def proposal_baselines(
         proposals = item.proposals.get(item.image_path.name)
         indices = top_k_indices(proposals, top_k, order)
         ious = proposal_ious(proposals.decode(indices), label_map) if len(indices) else None
+        chance = float(ious.mean()) if ious is not None else 0.0
+        oracle = float(ious.max()) if ious is not None else 0.0
+        if item.no_target:  # the right answer, nothing, is a rejection rather than a proposal
+            oracle = 1.0
         baselines.append(
             ProposalBaseline(
                 name=item.image_path.stem,
                 query_type=str(item.extra.get("query_type", "unknown")),
                 length="long" if item.is_sentence else "short",
-                chance_iou=float(ious.mean()) if ious is not None else 0.0,
-                oracle_iou=float(ious.max()) if ious is not None else 0.0,
+                chance_iou=chance,
+                oracle_iou=oracle,
                 num_proposals=len(indices),
             )
         )
@@ -164,8 +176,28 @@ def parse_stage_seconds(text: str) -> dict[str, float]:
     return stages
 
 
+def _check_count(metrics: dict, baselines: list[ProposalBaseline], flag: str) -> None:
+    if metrics.get("num_images") != len(baselines):
+        raise ValueError(
+            f"the evaluation scored {metrics.get('num_images')} images but the split has "
+            f"{len(baselines)}: {flag} and --split do not match"
+        )
+
+
+def _free_summary(free_metrics: dict, baselines: list[ProposalBaseline]) -> dict:
+    summary = {key: free_metrics.get(key) for key in ("giou", "ciou", "answers")}
+    summary.update({k: free_metrics[k] for k in ("n_acc", "t_acc") if k in free_metrics})
+    summary["per_query_type"] = {
+        name: free_metrics.get(f"type:{name}/giou") for name in _group_rows(baselines, "query_type")
+    }
+    return summary
+
+
 def build_report(
-    eval_metrics: dict, baselines: list[ProposalBaseline], stage_seconds: dict | None = None
+    eval_metrics: dict,
+    baselines: list[ProposalBaseline],
+    stage_seconds: dict | None = None,
+    free_metrics: dict | None = None,
 ) -> dict:
     """The demo's ``metrics.json``: the model's scores beside chance and oracle, per group.
 
@@ -173,12 +205,9 @@ def build_report(
         eval_metrics: ``eval.py``'s ``metrics.json`` (groups ``short``/``long``/``type:<t>``).
         baselines: :func:`proposal_baselines` of the same split.
         stage_seconds: optional wall time per demo stage.
+        free_metrics: optional ``eval.py --mode free`` ``metrics.json`` of the same split.
     """
-    if eval_metrics.get("num_images") != len(baselines):
-        raise ValueError(
-            f"the evaluation scored {eval_metrics.get('num_images')} images but the split has "
-            f"{len(baselines)}: --eval_dir and --split do not match"
-        )
+    _check_count(eval_metrics, baselines, "--eval_dir")
     report = _summary(baselines, eval_metrics, "")
     report.update(
         nciou=eval_metrics.get("nciou"),
@@ -192,6 +221,12 @@ def build_report(
             for name, rows in _group_rows(baselines, "length").items()
         },
     )
+    for key in ("n_acc", "t_acc", "num_no_target", "num_rejected"):
+        if key in eval_metrics:
+            report[key] = eval_metrics[key]
+    if free_metrics is not None:
+        _check_count(free_metrics, baselines, "--free_eval_dir")
+        report["free"] = _free_summary(free_metrics, baselines)
     if "heads" in eval_metrics:  # several mask heads: each one's overall numbers
         report["heads"] = {
             head: {"giou": values["giou"], "ciou": values["ciou"]}
@@ -204,24 +239,38 @@ def build_report(
 
 
 def format_table(report: dict) -> str:
-    """A short plain-text table: one row overall, one per query type and length."""
+    """A short plain-text table: one row overall, one per query type and length (and the free
+    mode's gIoU beside, when it was evaluated)."""
+    free = report.get("free")
     lines = [
-        f"{'':<16}{'images':>7}{'gIoU':>8}{'cIoU':>8}{'chance':>8}{'oracle':>8}",
+        f"{'':<16}{'images':>7}{'gIoU':>8}{'cIoU':>8}{'chance':>8}{'oracle':>8}"
+        + (f"{'free gIoU':>11}" if free else ""),
     ]
 
-    def row(label: str, entry: dict) -> str:
-        ciou = entry["ciou"] if entry["ciou"] is not None else float("nan")
-        giou = entry["giou"] if entry["giou"] is not None else float("nan")
-        return (
-            f"{label:<16}{entry['num_images']:>7}{giou:>8.3f}{ciou:>8.3f}"
-            f"{entry['chance_giou']:>8.3f}{entry['oracle_giou']:>8.3f}"
-        )
+    def number(value) -> float:
+        return value if value is not None else float("nan")
 
-    lines.append(row("all", report))
+    def row(label: str, entry: dict, free_giou=None) -> str:
+        line = (
+            f"{label:<16}{entry['num_images']:>7}{number(entry['giou']):>8.3f}"
+            f"{number(entry['ciou']):>8.3f}{entry['chance_giou']:>8.3f}{entry['oracle_giou']:>8.3f}"
+        )
+        return line + (f"{number(free_giou):>11.3f}" if free else "")
+
+    lines.append(row("all", report, free and free["giou"]))
     for name, entry in report["per_query_type"].items():
-        lines.append(row(f"  {name}", entry))
+        lines.append(row(f"  {name}", entry, free and free["per_query_type"].get(name)))
     for name, entry in report["per_query_length"].items():
         lines.append(row(f"  {name}", entry))
+    if "n_acc" in report:
+        line = f"N-acc {report['n_acc']:.3f} ({report['num_no_target']} no-target), "
+        line += f"T-acc {report['t_acc']:.3f}"
+        if free and "n_acc" in free:
+            line += f"; free: N-acc {free['n_acc']:.3f}, T-acc {free['t_acc']:.3f}"
+        lines.append(line)
+    if free and free.get("answers"):
+        shares = ", ".join(f"{k} {v:.2f}" for k, v in free["answers"].items())
+        lines.append(f"free answers: {shares}")
     if "stage_seconds" in report:
         stages = ", ".join(f"{k} {v:.0f}s" for k, v in report["stage_seconds"].items())
         lines.append(f"wall time {report['total_seconds']:.0f}s ({stages})")
@@ -281,9 +330,16 @@ def main(config: DemoReportConfig) -> dict:
         config.proposal_order,
     )
     _check_per_image(eval_dir, baselines)
+    free_metrics = None
+    if config.free_eval_dir:
+        free_path = Path(config.free_eval_dir) / "metrics.json"
+        if not free_path.is_file():
+            raise FileNotFoundError(f"--free_eval_dir {config.free_eval_dir}: no metrics.json")
+        free_metrics = json.loads(free_path.read_text())
     report = build_report(
-        json.loads(metrics_path.read_text()), baselines, parse_stage_seconds(config.stage_seconds)
-    )
+        json.loads(metrics_path.read_text()), baselines, parse_stage_seconds(config.stage_seconds),
+        free_metrics,
+    )  # fmt: skip
     report["num_pictures"] = _copy_visualizations(eval_dir, out_dir)
     write_json_atomic(report, out_dir / "metrics.json")
     logger.info("wrote %s and %d pictures", out_dir / "metrics.json", report["num_pictures"])

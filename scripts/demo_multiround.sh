@@ -43,6 +43,10 @@ TOP_K="${DEMO_TOP_K:-50}"
 BASELINE="${DEMO_BASELINE:-1}"
 EXTRA_CONVERSATIONS="${DEMO_EXTRA_CONVERSATIONS:-3}"  # further conversations per training picture
 REF_DROPOUT="${DEMO_REF_DROPOUT:-0.5}"
+# single-round ReasonSeg steps mixed in (weight against the conversations' 1; 0: none), each
+# asking 1 + EXTRA_QUERIES queries about one picture, as the single-round demo trains
+SINGLE_ROUND_RATE="${DEMO_SINGLE_ROUND_RATE:-0}"
+EXTRA_QUERIES="${DEMO_EXTRA_QUERIES:-3}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TOKENIZERS_PARALLELISM=false
 
@@ -63,7 +67,7 @@ rm -rf "$DATASET" "$MASKS" "$OUT/checkpoints" "$OUT/train" "$OUT/train_baseline"
 stage 1 generate "synthetic conversations: $NUM_TRAIN train / $NUM_VAL val pictures of ${IMAGE_SIZE}px"
 "$PYTHON" -m prepare_datasets.prepare_synthetic --out_dir "$DATASET" --seed "$SEED" \
   --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --num_test 0 --image_size "$IMAGE_SIZE" \
-  --conversations --extra_conversations "$EXTRA_CONVERSATIONS"
+  --conversations --extra_conversations "$EXTRA_CONVERSATIONS" --extra_queries "$EXTRA_QUERIES"
 stage_done
 
 stage 2 proposals "weight-free mask proposals ($JOBS processes; progress of the first shown)"
@@ -77,7 +81,12 @@ stage_done
 
 DATA_ARGS=(--dataset_dir "$DATASET" --sam_masks_dir "$MASKS" --val_dataset "ReasonSegMR|val"
   --top_k_proposals "$TOP_K" --selection argmax --device cpu)
-TRAIN_ARGS=(--dataset multi_round --sample_rates 1 --multi_round_data "ReasonSeg|train"
+FAMILIES=(--dataset multi_round --sample_rates 1)
+if [[ "$SINGLE_ROUND_RATE" != 0 ]]; then
+  FAMILIES=(--dataset "multi_round||reason_seg" --sample_rates "1,$SINGLE_ROUND_RATE"
+    --reason_seg_data "ReasonSeg|train" --num_classes_per_sample "$((EXTRA_QUERIES + 1))")
+fi
+TRAIN_ARGS=("${FAMILIES[@]}" --multi_round_data "ReasonSeg|train"
   --max_rounds "$MAX_ROUNDS" --epochs "$EPOCHS" --steps_per_epoch "$STEPS_PER_EPOCH"
   --batch_size "$BATCH_SIZE" --grad_accumulation_steps 1 --lr "$LR"
   --warmup_steps "$WARMUP_STEPS" --workers 1 --seed "$SEED" --print_freq 25 --log_base_dir "$OUT")

@@ -120,3 +120,33 @@ def test_main_writes_metrics_and_pictures(tmp_path):
     (eval_dir / "metrics.json").unlink()
     with pytest.raises(FileNotFoundError, match="run eval.py first"):
         main(config)
+
+
+def test_no_target_rows_and_the_free_mode_sit_beside_the_rest():
+    baselines = [*_baselines(), ProposalBaseline("d", "no_target", "short", 0.0, 1.0, 3)]
+    metrics = dict(
+        _eval_metrics(), num_images=4, n_acc=0.5, t_acc=1.0, num_no_target=2, num_rejected=1
+    )
+    metrics.update({"type:no_target/giou": 1.0, "type:no_target/ciou": 0.0})
+    free = {
+        "giou": 0.55, "ciou": 0.5, "num_images": 4, "n_acc": 1.0, "t_acc": 0.75,
+        "answers": {"no_seg": 0.25, "one_seg": 0.75, "several_seg": 0.0},
+        "type:attribute/giou": 0.25, "type:spatial/giou": 1.0, "type:no_target/giou": 1.0,
+    }  # fmt: skip
+    report = build_report(metrics, baselines, None, free)
+    assert (report["n_acc"], report["t_acc"], report["num_no_target"]) == (0.5, 1.0, 2)
+    assert report["num_rejected"] == 1
+    assert report["per_query_type"]["no_target"]["oracle_giou"] == 1.0
+    assert report["free"]["per_query_type"] == {"attribute": 0.25, "no_target": 1.0, "spatial": 1.0}
+    assert (report["free"]["n_acc"], report["free"]["t_acc"]) == (1.0, 0.75)
+    table = format_table(report)
+    assert "free gIoU" in table
+    assert "N-acc 0.500 (2 no-target), T-acc 1.000; free: N-acc 1.000, T-acc 0.750" in table
+    assert "free answers: no_seg 0.25, one_seg 0.75, several_seg 0.00" in table
+    assert table.splitlines()[2].split()[-1] == "0.250"  # attribute's free gIoU
+    with pytest.raises(ValueError, match="--free_eval_dir and --split do not match"):
+        build_report(metrics, baselines, None, dict(free, num_images=3))
+    # Without no-target queries or a free evaluation the report keeps its old keys.
+    plain = build_report(_eval_metrics(), _baselines())
+    assert not {"n_acc", "free", "num_rejected"} & set(plain)
+    assert "free" not in format_table(plain)
