@@ -12,6 +12,7 @@ default only the images some ref uses are processed (about a third of train2014)
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from utils.annotations import (
     load_refs_pickle,
 )
 from utils.cli import run_cli
+from utils.text_files import DatasetFormatError
 
 SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc"}
 
@@ -64,11 +66,25 @@ class ReferAnnotations:
 
 
 def load_refer(dataset_dir: str | Path, name: str) -> ReferAnnotations:
-    """Read ``refer_seg/<name>/refs(<split_by>).p`` and ``instances.json``."""
+    """Read ``refer_seg/<name>/refs(<split_by>).p`` and ``instances.json``.
+
+    Raises:
+        FileNotFoundError: either file is missing (the message names it).
+        DatasetFormatError: a corrupt refs pickle, or a ref whose image is not in the instances.
+    """
     folder = Path(dataset_dir) / "refer_seg" / name
-    refs = load_refs_pickle(folder / f"refs({SPLIT_BY.get(name, 'unc')}).p")
+    refs_path = folder / f"refs({SPLIT_BY.get(name, 'unc')}).p"
+    try:  # a missing file is a FileNotFoundError naming it
+        refs = load_refs_pickle(refs_path)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise DatasetFormatError(f"{refs_path}: not a refer refs pickle ({error})") from None
     instances = load_json(folder / "instances.json", f"{name} instances")
     images = coco_images(instances, str(folder / "instances.json"))
+    for index, ref in enumerate(refs):
+        if not isinstance(ref, dict) or int(ref.get("image_id", -1)) not in images:
+            raise DatasetFormatError(
+                f"{refs_path}: refs[{index}] names no image of {folder / 'instances.json'}"
+            )
     annotations = {int(a["id"]): a for a in instances.get("annotations", [])}
     return ReferAnnotations(name, refs, images, annotations)
 

@@ -291,6 +291,38 @@ def test_what_the_command_did_not_write_is_never_replaced(name, run, tmp_path):
     assert _listing(tmp_path) == before
 
 
+@pytest.mark.parametrize(
+    ("name", "out_flag"),
+    [("prepare_datasets.prepare_refcoco", "--sam_masks_dir"),
+     ("prepare_datasets.prepare_mrseg", "--out_dir")],
+)  # fmt: skip
+def test_a_corrupt_refs_pickle_is_one_line_naming_it(name, out_flag, run, tmp_path):
+    for dataset in ("refcoco", "refcoco+", "refcocog"):
+        folder = tmp_path / "refer_seg" / dataset
+        folder.mkdir(parents=True)
+        for split_by in ("unc", "umd", "google"):
+            (folder / f"refs({split_by}).p").write_bytes(b"\x80\x04 cut short")
+        (folder / "instances.json").write_text('{"images": [], "annotations": []}')
+    before = _listing(tmp_path)
+    code, err = run(name, ["--dataset_dir", str(tmp_path), out_flag, str(tmp_path / "out")])
+    _assert_one_error_line(code, err, "refcoco/refs(unc).p: not a refer refs pickle")
+    assert _listing(tmp_path) == before
+
+
+def test_a_ref_to_an_image_missing_from_the_instances_is_named(run, tmp_path):
+    import pickle
+
+    folder = tmp_path / "refer_seg" / "refcoco"
+    folder.mkdir(parents=True)
+    refs = [{"ref_id": 0, "image_id": 7, "ann_id": 1, "split": "val", "sentences": []}]
+    (folder / "refs(unc).p").write_bytes(pickle.dumps(refs))
+    (folder / "instances.json").write_text('{"images": [], "annotations": []}')
+    argv = ["--dataset_dir", str(tmp_path), "--sam_masks_dir", str(tmp_path / "out"),
+            "--refer_datasets", "refcoco"]  # fmt: skip
+    code, err = run("prepare_datasets.prepare_refcoco", argv)
+    _assert_one_error_line(code, err, "refs(unc).p: refs[0] names no image of", "instances.json")
+
+
 TRAINING = ["--version", "{t}", "--log_base_dir", "{t}/runs", "--dataset", "reason_seg",
             "--sample_rates", "1", "--dataset_dir", "{t}", "--device", "cpu"]  # fmt: skip
 

@@ -20,6 +20,7 @@ from prepare_datasets.proposals.runner import run_prepare
 from tests.prepare_datasets.fixtures import BoxGenerator, write_image
 from utils.masks import encode_rles
 from utils.proposal_store import ProposalReader, build_proposal_sample
+from utils.text_files import DatasetFormatError
 
 # Proposals (besides the whole image, index 0) are these inclusive boxes x0, y0, x1, y1.
 BOXES = [(10, 5, 29, 24), (10, 5, 19, 24)]
@@ -142,7 +143,7 @@ def test_refs_pickle_with_code_is_refused(tmp_path):
     folder.mkdir(parents=True)
     (folder / "refs(unc).p").write_bytes(pickle.dumps([np.float64(1.0)]))
     (folder / "instances.json").write_text(json.dumps({"images": []}))
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load numpy"):
+    with pytest.raises(DatasetFormatError, match=r"refs pickle \(refusing to load numpy"):
         prepare_refcoco.load_refer(tmp_path, "refcoco")
 
 
