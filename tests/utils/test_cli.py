@@ -56,6 +56,12 @@ def test_debug_flag_keeps_the_traceback():
         run_cli(_raise(FileNotFoundError("gone")), _Config, argv=["--debug"])
 
 
+def test_debug_environment_variable_keeps_the_traceback(monkeypatch):
+    monkeypatch.setenv("LLMSEG_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        run_cli(_raise(FileNotFoundError("gone")), _Config, argv=[])
+
+
 def test_bugs_keep_their_traceback():
     with pytest.raises(ZeroDivisionError):
         run_cli(_raise(ZeroDivisionError("bug")), _Config, argv=[])
