@@ -15,7 +15,9 @@ Writes ``metrics.json`` (gIoU, cIoU, ncIoU, per group: ReasonSeg ``short``/``lon
 per-image CSV. On gRefCOCO (``--val_dataset "grefcoco|unc|val"``) ``--pred_dir`` reads one
 ``<sent_id>.png`` per sentence (all zero or missing = "no target") and writes gRefCOCO's gIoU,
 cIoU, N-acc and T-acc (:mod:`utils.grefcoco_scoring`); a model's evaluation adds them under
-``grefcoco`` in ``metrics.json``.
+``grefcoco`` in ``metrics.json``. ``--mode free`` lets the model write its own answers instead of
+the fixed ``[SEG].`` (:mod:`model.free_evaluation`): every ``[SEG]`` it writes is a mask, an
+answer without one a rejection.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from model.builder import CONFIG_ALIASES, LLMSegConfig, build_llm_seg, setup_trainable
 from model.evaluation import SelectionSettings, evaluate, score_prediction_folder
 from model.export import load_exported
+from model.free_evaluation import GenerationSettings, evaluate_free
 from utils.cli import run_cli
 from utils.config import save_config
 from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, eval_records
@@ -43,6 +46,9 @@ from utils.round_scoring import score_multi_round_predictions
 from utils.run_checkpoints import load_trainable_weights
 
 logger = logging.getLogger("eval")
+
+EVAL_MODES = ("teacher_forced", "free")
+MULTI_ROUND_SETS = ("mrseg", "reasonsegmr")  # --val_dataset families of several rounds
 
 
 @dataclass
@@ -81,6 +87,37 @@ class EvalConfig(LLMSegConfig, DataConfig):
         metadata={"help": "--pred_dir: resize PNGs of another size to their image (nearest; "
                   "default: an error)"},
     )  # fmt: skip
+    mode: str = field(
+        default="teacher_forced",
+        metadata={"help": "teacher_forced (the answer fixed to '[SEG].', upstream's protocol) or "
+                  "free (the model writes its answer greedily; every [SEG] in it is a mask, "
+                  "their union the query's, none a rejection: an empty mask). free scores "
+                  "single-round sets only (ReasonSeg, the refer sets, gRefCOCO, LLM-Seg40K); "
+                  "MRSeg and ReasonSegMR are refused"},
+    )  # fmt: skip
+    max_new_tokens: int = field(
+        default=32, metadata={"help": "--mode free: the longest answer, in tokens"}
+    )
+    generation_batch_size: int = field(
+        default=8, metadata={"help": "--mode free: answers written per forward"}
+    )
+
+    def __post_init__(self) -> None:
+        # Checked here, not by argparse's choices, so a bad value is one error line (exit 2).
+        if self.mode not in EVAL_MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; expected one of {EVAL_MODES}: --mode")
+        for name in ("max_new_tokens", "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"must be at least 1, got {getattr(self, name)}: --{name}")
+        if self.mode != "free":
+            return
+        if self.pred_dir:
+            raise ValueError("--pred_dir scores saved masks, free generation needs a model: --mode")
+        if self.val_dataset.split("|")[0].lower() in MULTI_ROUND_SETS:
+            raise ValueError(
+                f"free generation scores single-round sets; {self.val_dataset} is multi-round "
+                "(evaluate it teacher-forced): --mode"
+            )
 
 
 def _reading(config: EvalConfig) -> PredictionReading:
@@ -139,17 +176,27 @@ def main(config: EvalConfig) -> dict:
         config.val_dataset,
         with_proposals=model.mask_head != "sam",
     )
-    metrics = evaluate(
-        model,
-        dataset,
-        SelectionSettings(config.selection, config.iop_threshold, config.selection_top_k),
-        device,
-        dtype,
-        tokenizer.pad_token_id,
-        config.out_dir,
-        visualize=-1 if config.visualize else 0,
-        history=config.history,
-    )
+    selection = SelectionSettings(config.selection, config.iop_threshold, config.selection_top_k)
+    visualize = -1 if config.visualize else 0
+    if config.mode == "free":
+        generation = GenerationSettings(config.max_new_tokens, config.generation_batch_size)
+        metrics = evaluate_free(
+            model, dataset, tokenizer, selection, device, dtype, config.out_dir, generation,
+            visualize,
+        )  # fmt: skip
+        logger.info("%s: answers %s", config.val_dataset, metrics["answers"])
+    else:
+        metrics = evaluate(
+            model,
+            dataset,
+            selection,
+            device,
+            dtype,
+            tokenizer.pad_token_id,
+            config.out_dir,
+            visualize=visualize,
+            history=config.history,
+        )
     logger.info(
         "%s: gIoU %.4f  cIoU %.4f  ncIoU %.4f  (%d images)",
         config.val_dataset,

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import LogitsProcessorList
 
 from model.evaluation import HEAD_MASKS, combine_heads
+from model.generation import generate_answers
 from model.heads.selection import SELECTION_STRATEGIES
 from utils.batch import LLMSegBatch
 from utils.data.conversation import (
@@ -281,29 +281,10 @@ class Segmenter:
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, clip_pixels: torch.Tensor) -> torch.Tensor:
         """Greedy answer ids ``(T,)`` after ``prompt_ids`` (eos included when reached)."""
-        backbone = self.model.backbone
-        input_ids = prompt_ids[None].to(self.device)
-        embeds = backbone.embed_inputs(
-            input_ids,
-            clip_pixels.to(self.device),
-            torch.zeros(1, dtype=torch.long, device=self.device),
-        )
-        # Image tags are input-only tokens; a random or weak model must not "answer" with them.
-        suppress = self.tokenizer.convert_tokens_to_ids(
-            [IMAGE_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN]
-        )
-        generated = backbone.language_model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=self.settings.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            suppress_tokens=[t for t in suppress if t != self.tokenizer.unk_token_id],
-            logits_processor=LogitsProcessorList(self.logits_processor or []),
-        )
-        return generated[0].cpu()
+        return generate_answers(
+            self.model.backbone, self.tokenizer, [prompt_ids], clip_pixels.to(self.device),
+            torch.zeros(1, dtype=torch.long), self.settings.max_new_tokens, self.logits_processor,
+        )[0]  # fmt: skip
 
     def __call__(self, image: np.ndarray, query: str, key: str = "") -> SegmentationAnswer:
         """Segment ``image`` ``(H, W, 3)`` uint8 RGB for ``query``; ``key`` names it in a store."""
