@@ -41,7 +41,11 @@ from model.evaluation import (
 )
 from model.generation import generate_answers
 from utils.config import write_json_atomic
-from utils.data.conversation import IGNORE_INDEX, EncodedConversation, encode_conversation, render
+from utils.data.conversation import (
+    IGNORE_INDEX,
+    EncodedConversation,
+    answer_start,
+)
 from utils.data.samples import EncodedSample, SegmentationRecord, collate
 from utils.device import collective_device
 from utils.distributed import barrier, is_main_process, rank, world_size
@@ -68,12 +72,11 @@ def open_prompts(sample: EncodedSample, encoder) -> list[torch.Tensor]:
         sample: an encoded evaluation sample (its conversations: the ones the encoder kept).
         encoder: the dataset's :class:`~utils.data.samples.SampleEncoder`.
     Returns:
-        one ``(L_c,)`` id tensor per conversation, ``<image>`` expanded, ending after
-        ``ASSISTANT:`` (what chat's free mode reads).
+        one ``(L_c,)`` id tensor per conversation, ``<image>`` expanded, ending where the
+        answer's labels start (:func:`~utils.data.conversation.answer_start`).
     Raises:
         ValueError: a conversation that is not one question answered by one ``[SEG]``.
     """
-    settings = encoder.settings
     prompts = []
     for conversation in sample.conversations:
         if conversation.num_turns != 1 or conversation.num_seg != 1:
@@ -82,21 +85,7 @@ def open_prompts(sample: EncodedSample, encoder) -> list[torch.Tensor]:
                 f"(one question, one [SEG]); this one has {conversation.num_turns} turns and "
                 f"{conversation.num_seg} [SEG]: --mode"
             )
-        # The encoder drops conversations that do not fit: find this one's question by its text.
-        question = next(
-            (turns[0][0] for turns in sample.record.conversations
-             if render(turns, encoder.fmt)[0] == conversation.text),
-            None,
-        )  # fmt: skip
-        if question is None:
-            raise ValueError(f"{sample.record.image_path}: an encoded conversation matches no "
-                             "conversation of its record")  # fmt: skip
-        encoded = encode_conversation(
-            encoder.tokenizer, [(question, None)], settings.num_image_tokens, encoder.fmt,
-            settings.use_im_start_end, None, legacy=encoder.legacy,
-            references=encoder.references, ref_placement=settings.ref_placement,
-        )  # fmt: skip
-        prompts.append(encoded.input_ids)
+        prompts.append(conversation.input_ids[: answer_start(conversation)])
     return prompts
 
 

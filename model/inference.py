@@ -31,6 +31,7 @@ from utils.data.conversation import (
     VALIDATION_ANSWER,
     VALIDATION_LONG_QUESTION,
     VALIDATION_SHORT_QUESTION,
+    answer_start,
     conversation_format,
     encode_conversation,
 )
@@ -249,6 +250,16 @@ class Segmenter:
         )
         return encoded.input_ids, encoded.text
 
+    def open_prompt(self, question: str) -> tuple[torch.Tensor, str]:
+        """``(input_ids (L,), rendered text)`` of ``question`` with the answer left open where
+        training starts the answer's labels (:func:`~utils.data.conversation.answer_start`)."""
+        encoded = encode_conversation(
+            self.tokenizer, [(question, VALIDATION_ANSWER)], self.model.num_image_tokens,
+            self.format, self.manifest.architecture.use_im_start_end, None, legacy=self.legacy,
+        )  # fmt: skip
+        _, text = self.encode(question, None)
+        return encoded.input_ids[: answer_start(encoded)], text
+
     def encode_turns(self, turns: list[tuple[str, str | None]]) -> torch.Tensor:
         """``(L,)`` ids of a whole multi-round conversation (``[REF:k]`` markers become
         ``<ref>`` tokens for a model with SegLLM parts); no length limit: a conversation grows
@@ -309,7 +320,7 @@ class Segmenter:
             answer = VALIDATION_ANSWER
             prompt_text = self._model_text(prompt)
         else:
-            prompt_ids, prompt = self.encode(question, None)
+            prompt_ids, prompt = self.open_prompt(question)
             answer_ids = self.generate(prompt_ids, clip_pixels)
             input_ids = torch.cat([prompt_ids, answer_ids])
             answer = self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()

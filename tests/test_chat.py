@@ -125,7 +125,7 @@ def test_free_generation_of_seg_matches_teacher_forcing(setup, tmp_path):
     segmenter = setup_segmenter(root, store, mode="free")
     question = build_question(QUERY, "long")
     closed, _ = segmenter.encode(question, VALIDATION_ANSWER)
-    prompt, _ = segmenter.encode(question, None)
+    prompt, _ = segmenter.open_prompt(question)  # ends where the answer's labels start
     assert torch.equal(closed[: len(prompt)], prompt)
     eos = segmenter.tokenizer.eos_token_id
     segmenter.logits_processor = [Script(closed[len(prompt) :].tolist(), eos)]

@@ -142,7 +142,7 @@ def _samples(dataset) -> list:
 
 def _teacher_answer(sample, encoder) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(prompt, teacher's answer ids)`` per conversation: the forced sequence after the
-    open prompt (here ``▁ [SEG] ▁ . </s>``)."""
+    open prompt (here ``[SEG] ▁ . </s>``: the prompt ends with the space before ``[SEG]``)."""
     pairs = []
     for prompt, conversation in zip(open_prompts(sample, encoder), sample.conversations):
         assert torch.equal(conversation.input_ids[: len(prompt)], prompt)
@@ -153,8 +153,8 @@ def _teacher_answer(sample, encoder) -> list[tuple[torch.Tensor, torch.Tensor]]:
 @pytest.fixture(scope="module")
 def answering_model(setup):
     """The tiny model with its language model overfit on the teacher's answer after each
-    validation prompt (every answer token labelled, also the space before ``[SEG]`` that the
-    training labels leave out), so greedy decoding writes ``[SEG].`` and nothing else."""
+    validation prompt (every token after the open prompt labelled), so greedy decoding writes
+    ``[SEG].`` and nothing else."""
     model, tokenizer, datasets = setup
     model = copy.deepcopy(model)
     pairs = [(s, d.encoder) for d in datasets.values() for s in _samples(d)]

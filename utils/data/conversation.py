@@ -82,6 +82,17 @@ CONVERSATION_FORMATS = {
 }
 
 
+def answer_start(encoded: EncodedConversation) -> int:
+    """Index of the first token the model is trained to write (the first label): free
+    generation starts there. Depending on the tokenizer, the prompt may end with a token that
+    belongs to neither turn, e.g. the space of "ASSISTANT: " before an added token such as
+    ``[SEG]``; training never asks the model to write it, so neither does generation."""
+    labelled = (encoded.labels != IGNORE_INDEX).nonzero()
+    if len(labelled) == 0:
+        raise ValueError("the conversation has no answer tokens")
+    return int(labelled[0])
+
+
 def conversation_format(name: str) -> ConversationFormat:
     try:
         return CONVERSATION_FORMATS[name]
