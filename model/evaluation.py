@@ -251,7 +251,7 @@ def score_with_history(model, sample: EncodedSample, encoder, history: str, sele
     return output
 
 
-def _score_sample(
+def score_sample(
     sample: EncodedSample,
     masks_by_head: dict[str, list],
     metrics: dict[str, SegmentationMetrics],
@@ -316,7 +316,7 @@ def _row(score: ImageScore, record: SegmentationRecord, r: int, selected: int, k
     }
 
 
-def _score_unusable(
+def score_unusable(
     record: SegmentationRecord,
     metrics: SegmentationMetrics,
     round_metrics: MultiRoundMetrics,
@@ -390,7 +390,7 @@ def evaluate(
         if isinstance(item, SegmentationRecord):
             for head in heads:
                 primary = head == heads[0]
-                rows += _score_unusable(
+                rows += score_unusable(
                     item, metrics[head], round_metrics, primary, head,
                     no_target_metrics if primary else None,
                 )  # fmt: skip
@@ -408,49 +408,64 @@ def evaluate(
         masks_by_head = {
             head: head_masks(item, output, selection, head, rejected) for head in heads
         }
-        rows += _score_sample(
+        rows += score_sample(
             item, masks_by_head, metrics, vis_dir,
             round_metrics if is_multi_round(item) else None, no_target_metrics, decisions,
         )  # fmt: skip
     if no_proposals:
         logger.warning("%d images had no proposals and were scored as empty masks", no_proposals)
+    results = summarize(metrics, no_target_metrics, rows, heads, selection, dataset)
+    all_rows = gather_rows(rows)
+    if getattr(model, "rejection", "none") != "none":
+        results["rejection"] = model.rejection
+        results["num_rejected"] = sum(
+            row.get("rejected", 0) for row in all_rows if row["head"] == heads[0]
+        )
+    rounds = gather_union([str(r) for r in round_metrics.rounds])
+    if rounds:
+        round_metrics.all_reduce(max(int(r) for r in rounds))
+        results.update(round_metrics.summary())
+        results["history"] = history
+    if is_main_process():
+        write_json_atomic(results, out_dir / f"{prefix}metrics.json")
+        write_rows_csv(all_rows, out_dir / f"{prefix}per_image.csv")
+    barrier()
+    model.train(was_training)
+    return results
+
+
+def summarize(
+    metrics: dict[str, SegmentationMetrics],
+    no_target_metrics: GRefCOCOMetrics,
+    rows: list[dict],
+    heads: tuple[str, ...],
+    selection: SelectionSettings,
+    dataset,
+) -> dict:
+    """The numbers every evaluation mode reports, reduced over ranks: the primary head's
+    metrics (and every head's), the selection, the files ``--skip_missing`` left out and, when
+    some record flags no-target rows, gRefCOCO's section with ``n_acc``/``t_acc``."""
     group_names = sorted({"all"} | {g for row in rows for g in row["groups"].split("|") if g})
-    group_names = _gather_union(group_names)
+    group_names = gather_union(group_names)
     for head_metrics in metrics.values():
         head_metrics.all_reduce(group_names)
-    all_rows = _gather_rows(rows)
     results = metrics[heads[0]].compute()
     results["head"] = heads[0]
     if len(heads) > 1:  # every head side by side, the primary one also at the top level
         results["heads"] = {head: metrics[head].compute() for head in heads}
     results["selection"] = selection.strategy if heads[0] != "sam" else "logits > 0"
     results["iop_threshold"] = selection.threshold
-    if getattr(model, "rejection", "none") != "none":
-        results["rejection"] = model.rejection
-        results["num_rejected"] = sum(
-            row.get("rejected", 0) for row in all_rows if row["head"] == heads[0]
-        )
     if getattr(dataset, "skipped", None):
         results["skipped_missing"] = list(dataset.skipped)
-    rounds = _gather_union([str(r) for r in round_metrics.rounds])
-    if rounds:
-        round_metrics.all_reduce(max(int(r) for r in rounds))
-        results.update(round_metrics.summary())
-        results["history"] = history
-    if _gather_union(["grefcoco"] if no_target_metrics.totals.num_samples else []):
+    if gather_union(["grefcoco"] if no_target_metrics.totals.num_samples else []):
         no_target_metrics.all_reduce()
         results["grefcoco"] = no_target_metrics.compute()
         for key in ("n_acc", "t_acc", "num_no_target"):
             results[key] = results["grefcoco"][key]
-    if is_main_process():
-        write_json_atomic(results, out_dir / f"{prefix}metrics.json")
-        _write_csv(all_rows, out_dir / f"{prefix}per_image.csv")
-    barrier()
-    model.train(was_training)
     return results
 
 
-def _gather_union(names: list[str]) -> list[str]:
+def gather_union(names: list[str]) -> list[str]:
     if world_size() == 1:
         return names
     gathered: list[list[str]] = [[] for _ in range(world_size())]
@@ -458,7 +473,7 @@ def _gather_union(names: list[str]) -> list[str]:
     return sorted({n for part in gathered for n in part})
 
 
-def _gather_rows(rows: list[dict]) -> list[dict]:
+def gather_rows(rows: list[dict]) -> list[dict]:
     if world_size() == 1:
         return rows
     gathered: list[list[dict]] = [[] for _ in range(world_size())]
@@ -466,7 +481,7 @@ def _gather_rows(rows: list[dict]) -> list[dict]:
     return [row for part in gathered for row in part]
 
 
-def _write_csv(rows: list[dict], path: Path) -> None:
+def write_rows_csv(rows: list[dict], path: Path) -> None:
     fields = list(rows[0]) if rows else ["name", "iou"]
     write_csv_atomic(sorted(rows, key=lambda row: row["name"]), fields, path)
 
@@ -508,5 +523,5 @@ def score_prediction_folder(
     results = metrics.compute()
     results["missing_predictions"] = missing
     write_json_atomic(results, out_json)
-    _write_csv(rows, Path(out_json).with_suffix(".csv"))
+    write_rows_csv(rows, Path(out_json).with_suffix(".csv"))
     return results

@@ -32,12 +32,12 @@ from tqdm import tqdm
 from model.evaluation import (
     HEAD_MASKS,
     SelectionSettings,
-    _gather_rows,
-    _gather_union,
-    _score_sample,
-    _score_unusable,
-    _write_csv,
+    gather_rows,
     head_masks,
+    score_sample,
+    score_unusable,
+    summarize,
+    write_rows_csv,
 )
 from model.generation import generate_answers
 from utils.config import write_json_atomic
@@ -270,7 +270,7 @@ def evaluate_free(
     for group in _groups(dataset, indices, generation.batch_size):
         for record in (item for item in group if isinstance(item, SegmentationRecord)):
             for head in heads:  # its prompt did not fit: every target scored as empty
-                unusable = _score_unusable(
+                unusable = score_unusable(
                     record, metrics[head], MultiRoundMetrics(), False, head,
                     no_target_metrics if head == heads[0] else None,
                 )  # fmt: skip
@@ -284,7 +284,7 @@ def evaluate_free(
         )  # fmt: skip
         for prediction in predictions:
             drawn = visualize < 0 or len(rows) < visualize
-            scored = _score_sample(
+            scored = score_sample(
                 prediction.sample, prediction.masks_by_head, metrics,
                 out_dir / "vis" if drawn else None, None, no_target_metrics,
             )  # fmt: skip
@@ -297,7 +297,7 @@ def evaluate_free(
                 kinds[min(count, 2)] += 1
     if no_proposals:
         logger.warning("%d images had no proposals and were scored as empty masks", no_proposals)
-    results = _summary(metrics, no_target_metrics, rows, heads, selection, dataset)
+    results = summarize(metrics, no_target_metrics, rows, heads, selection, dataset)
     results["mode"] = "free"
     results["max_new_tokens"] = generation.max_new_tokens
     kinds = _all_reduce(kinds)
@@ -305,34 +305,12 @@ def evaluate_free(
     if getattr(model, "rejection", "none") != "none":  # as teacher-forced: rejected queries
         results["rejection"] = model.rejection
         results["num_rejected"] = kinds[0]
-    all_rows = _gather_rows(rows)
+    all_rows = gather_rows(rows)
     if is_main_process():
         write_json_atomic(results, out_dir / f"{prefix}metrics.json")
-        _write_csv(all_rows, out_dir / f"{prefix}per_image.csv")
+        write_rows_csv(all_rows, out_dir / f"{prefix}per_image.csv")
     barrier()
     model.train(was_training)
-    return results
-
-
-def _summary(metrics, no_target_metrics, rows, heads, selection, dataset) -> dict:
-    """The teacher-forced evaluation's numbers, reduced over ranks (single-round sets)."""
-    group_names = sorted({"all"} | {g for row in rows for g in row["groups"].split("|") if g})
-    group_names = _gather_union(group_names)
-    for head_metrics in metrics.values():
-        head_metrics.all_reduce(group_names)
-    results = metrics[heads[0]].compute()
-    results["head"] = heads[0]
-    if len(heads) > 1:  # every head side by side, the primary one also at the top level
-        results["heads"] = {head: metrics[head].compute() for head in heads}
-    results["selection"] = selection.strategy if heads[0] != "sam" else "logits > 0"
-    results["iop_threshold"] = selection.threshold
-    if getattr(dataset, "skipped", None):
-        results["skipped_missing"] = list(dataset.skipped)
-    if _gather_union(["grefcoco"] if no_target_metrics.totals.num_samples else []):
-        no_target_metrics.all_reduce()
-        results["grefcoco"] = no_target_metrics.compute()
-        for key in ("n_acc", "t_acc", "num_no_target"):
-            results[key] = results["grefcoco"][key]
     return results
 
 

@@ -18,14 +18,13 @@ falls back to a full forward, so the result always equals a full re-forward.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import LlamaModel
 
+from model.generation import CACHE_ARGUMENT
 from model.heads.reference_relations import reference_relations, round_relations
 from model.heads.selection import select_mask
 from model.inference import SegmentationRound, Segmenter, _round, build_question
@@ -40,9 +39,6 @@ logger = logging.getLogger(__name__)
 
 # transformers 5 renamed ``past_key_values`` to ``cache`` (in arguments and outputs) in a minor
 # release; both spellings are supported so any 5.x works.
-CACHE_ARGUMENT = (
-    "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-)
 
 
 @dataclass
