@@ -41,12 +41,12 @@ LR="${DEMO_LR:-2e-3}"
 WARMUP_STEPS="${DEMO_WARMUP_STEPS:-50}"
 TOP_K="${DEMO_TOP_K:-50}"
 BASELINE="${DEMO_BASELINE:-1}"
-EXTRA_CONVERSATIONS="${DEMO_EXTRA_CONVERSATIONS:-3}"  # further conversations per training picture
+EXTRA_CONVERSATIONS="${DEMO_EXTRA_CONVERSATIONS:-0}"  # further conversations per training picture
 REF_DROPOUT="${DEMO_REF_DROPOUT:-0.5}"
 # single-round ReasonSeg steps mixed in (weight against the conversations' 1; 0: none), each
 # asking 1 + EXTRA_QUERIES queries about one picture, as the single-round demo trains
 SINGLE_ROUND_RATE="${DEMO_SINGLE_ROUND_RATE:-0}"
-EXTRA_QUERIES="${DEMO_EXTRA_QUERIES:-3}"
+EXTRA_QUERIES="${DEMO_EXTRA_QUERIES:-0}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TOKENIZERS_PARALLELISM=false
 
