@@ -18,6 +18,10 @@ cIoU, N-acc and T-acc (:mod:`utils.grefcoco_scoring`); a model's evaluation adds
 ``grefcoco`` in ``metrics.json``. ``--mode free`` lets the model write its own answers instead of
 the fixed ``[SEG].`` (:mod:`model.free_evaluation`): every ``[SEG]`` it writes is a mask, an
 answer without one a rejection.
+
+``metrics.json``, ``per_image.csv``, ``vis/`` (or ``--out_json`` and its ``.csv``) are replaced
+only when an earlier ``eval.py`` run wrote them (its ``eval_config.json`` beside them) or with
+``--overwrite``: a rerun into its own folder needs no flag.
 """
 
 from __future__ import annotations
@@ -33,7 +37,13 @@ from model.export import load_exported
 from model.free_evaluation import GenerationSettings, evaluate_free
 from utils.cli import run_cli
 from utils.config import save_config
-from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, eval_records
+from utils.data.builders import (
+    DataConfig,
+    build_encoder,
+    build_eval_dataset,
+    check_val_dataset,
+    eval_records,
+)
 from utils.data.grefcoco import GREFCOCO, load_grefcoco_split, parse_grefcoco_spec
 from utils.data.mrseg import load_mrseg, mrseg_report
 from utils.device import resolve_device, resolve_dtype
@@ -41,6 +51,7 @@ from utils.distributed import init_process_group, is_main_process, launched_as_g
 from utils.grefcoco_scoring import score_grefcoco_predictions
 from utils.legacy_tokenizer import resolve_tokenization
 from utils.logging_setup import setup_logging
+from utils.outputs import refuse_to_replace
 from utils.prediction_png import PredictionReading
 from utils.round_scoring import score_multi_round_predictions
 from utils.run_checkpoints import load_trainable_weights
@@ -101,6 +112,11 @@ class EvalConfig(LLMSegConfig, DataConfig):
     generation_batch_size: int = field(
         default=8, metadata={"help": "--mode free: answers written per forward"}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace results in --out_dir (or --out_json) that eval.py did not "
+                  "write (default: stop, naming them; an earlier eval.py run's are replaced)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         # Checked here, not by argparse's choices, so a bad value is one error line (exit 2).
@@ -125,9 +141,30 @@ def _reading(config: EvalConfig) -> PredictionReading:
     return PredictionReading(threshold=threshold, resize=config.resize_preds)
 
 
+def _refuse_foreign_results(config: EvalConfig) -> None:
+    """Stop before writing when a result file ``config``'s run would replace was not written by
+    an earlier eval.py run (recognised by its ``eval_config.json``), unless ``--overwrite``."""
+    if config.pred_dir:
+        out_json = Path(config.out_json or Path(config.out_dir) / "metrics.json")
+        marker = out_json.with_name("eval_config.json")
+        paths = [out_json, out_json.with_suffix(".csv")]
+        if config.val_dataset.lower().startswith("mrseg|"):
+            paths.append(out_json.with_name(out_json.stem + "_per_mask.csv"))
+        flag = "--out_json" if config.out_json else "--out_dir"
+    else:
+        out_dir = Path(config.out_dir)
+        marker = out_dir / "eval_config.json"
+        paths = [out_dir / "metrics.json", out_dir / "per_image.csv"]
+        paths += [out_dir / "vis"] if config.visualize else []
+        flag = "--out_dir"
+    refuse_to_replace([*paths, marker], config.overwrite, "eval.py", flag, marker, EvalConfig)
+
+
 def main(config: EvalConfig) -> dict:
     """Run the evaluation ``config`` describes and return its metrics."""
     setup_logging()
+    check_val_dataset(config.val_dataset)
+    _refuse_foreign_results(config)
     if config.pred_dir:
         out_json = Path(config.out_json or Path(config.out_dir) / "metrics.json")
         save_config(config, out_json.with_name("eval_config.json"))
@@ -142,8 +179,11 @@ def main(config: EvalConfig) -> dict:
             split_by, split = parse_grefcoco_spec(config.val_dataset)
             images = load_grefcoco_split(config.dataset_dir, None, split, split_by, strict=True)
             return score_grefcoco_predictions(images, config.pred_dir, out_json, _reading(config))
-        records = eval_records(config, config.val_dataset, with_proposals=False)
-        return score_prediction_folder(records, config.pred_dir, out_json, _reading(config))
+        skipped: list[str] = []  # --skip_missing: listed in the JSON, as a model's evaluation does
+        records = eval_records(config, config.val_dataset, with_proposals=False, skipped=skipped)
+        return score_prediction_folder(
+            records, config.pred_dir, out_json, _reading(config), skipped=skipped
+        )
 
     if not config.checkpoint and not config.model_dir:
         raise ValueError("--checkpoint or --model_dir is required (or --pred_dir for saved masks)")

@@ -30,7 +30,14 @@ from model.builder import CONFIG_ALIASES, LLMSegConfig, build_llm_seg, setup_tra
 from model.evaluation import SelectionSettings, evaluate
 from utils.cli import run_cli
 from utils.config import save_config
-from utils.data.builders import DataConfig, build_encoder, build_eval_dataset, build_train_dataset
+from utils.data.builders import (
+    DataConfig,
+    build_encoder,
+    build_eval_dataset,
+    build_train_dataset,
+    check_val_dataset,
+    training_mixture,
+)
 from utils.data.images import load_rgb_image
 from utils.data.mixing import ResumableSampler
 from utils.data.no_target import check_rejection_data
@@ -150,6 +157,12 @@ def _validate(config: TrainConfig, device: torch.device) -> None:
             raise ValueError(f"--{name} must be at least 1, got {getattr(config, name)}: --{name}")
     if not config.lr > 0:
         raise ValueError(f"--lr must be positive, got {config.lr}: --lr")
+    # The flags naming the data, parsed now (they read no file): for every --rejection mode,
+    # before the process group, config.json and the model.
+    if not config.eval_only:
+        training_mixture(config.dataset, config.sample_rates)
+    if config.eval_only or not config.no_eval:
+        check_val_dataset(config.val_dataset)
 
 
 def _resume_dir(config: TrainConfig) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -491,6 +492,7 @@ def score_prediction_folder(
     pred_dir: str | os.PathLike,
     out_json: str | os.PathLike,
     reading: PredictionReading = STRICT,
+    skipped: Sequence[str] = (),
 ) -> dict:
     """Score binary mask PNGs written by any method with the same metric code.
 
@@ -498,6 +500,8 @@ def score_prediction_folder(
     refer sets: one per expression, ``<sent_id>.png``), read by
     :func:`~utils.prediction_png.read_prediction_png` (its image's size and binary, unless
     ``reading`` allows otherwise). A missing PNG counts as an empty prediction and is listed.
+    ``skipped``: the annotation/image files ``--skip_missing`` left out of ``records``, listed
+    as ``skipped_missing`` in ``out_json`` (as :func:`evaluate` lists them).
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -522,6 +526,8 @@ def score_prediction_folder(
         logger.warning("%d predictions missing (scored as empty): %s", len(missing), missing[:10])
     results = metrics.compute()
     results["missing_predictions"] = missing
+    if skipped:
+        results["skipped_missing"] = list(skipped)
     write_json_atomic(results, out_json)
     write_rows_csv(rows, Path(out_json).with_suffix(".csv"))
     return results

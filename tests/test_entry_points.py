@@ -5,7 +5,9 @@
 - every spelling of every boolean flag means what it says, or is a usage error;
 - an output path holding something the command did not write stops it before it writes,
   naming the path and ``--overwrite``;
-- training's numeric flags are checked before anything is built or written.
+- training's numeric flags, its families and its evaluation set are checked before anything is
+  built or written;
+- eval.py replaces its own earlier results, nothing else unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.data_fixtures import write_reason_seg
 from utils.config import BooleanFlag, build_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,14 +83,17 @@ def _run_main_block(name: str) -> None:
 
 @pytest.fixture
 def run(capsys, monkeypatch):
-    """Run an entry point's ``__main__`` block with ``argv``; return (exit code, stderr)."""
+    """Run an entry point's ``__main__`` block with ``argv``; return (exit code, stderr): 0 when
+    it returns."""
     monkeypatch.setattr(os, "environ", os.environ.copy())  # training sets rendezvous variables
 
     def run_entry_point(name: str, argv: list[str]) -> tuple[int, str]:
         monkeypatch.setattr(sys, "argv", [name, *argv])
-        with pytest.raises(SystemExit) as exit_info:
+        try:
             _run_main_block(name)
-        return exit_info.value.code, capsys.readouterr().err
+        except SystemExit as exit_info:
+            return exit_info.code, capsys.readouterr().err
+        return 0, capsys.readouterr().err  # run_cli returns when the command succeeds
 
     return run_entry_point
 
@@ -277,6 +283,10 @@ FOREIGN_OUTPUTS = {
         ["--checkpoint", "{m}", "--version", "{m}", "--vision_tower", "{m}", "--out_dir",
          "{t}/out"],
     ),
+    "eval.py": (  # another tool's results where eval.py would write its own
+        lambda t: _foreign(t / "eval" / "metrics.json", '{"giou": 0.5}'),
+        ["--model_dir", "{m}", "--out_dir", "{t}/eval"],
+    ),
 }  # fmt: skip
 
 
@@ -289,6 +299,84 @@ def test_what_the_command_did_not_write_is_never_replaced(name, run, tmp_path):
     code, err = run(name, argv)
     _assert_one_error_line(code, err, str(in_the_way), "--overwrite")
     assert _listing(tmp_path) == before
+
+
+def _eval_config(folder: Path, **fields) -> None:
+    from eval import EvalConfig
+    from utils.config import save_config
+
+    save_config(EvalConfig(**fields), folder / "eval_config.json")
+
+
+# eval.py's other outputs: (make what is in the way, return the path to name; argv).
+EVAL_FOREIGN = {
+    "pred_dir json": (lambda t: _foreign(t / "scores.json"), ["--out_json", "{t}/scores.json"]),
+    "pred_dir csv": (
+        lambda t: _foreign(t / "scores.csv", "a,b"), ["--out_json", "{t}/scores.json"],
+    ),
+    "pred_dir out_dir": (
+        lambda t: _foreign(t / "out" / "metrics.json"), ["--out_dir", "{t}/out"],
+    ),
+    "per_image.csv": (
+        lambda t: _foreign(t / "eval" / "per_image.csv", "a,b"),
+        ["--model_dir", "{m}", "--out_dir", "{t}/eval"],
+    ),
+    "vis": (
+        lambda t: _foreign(t / "eval" / "vis" / "mine.png", "png").parent,
+        ["--model_dir", "{m}", "--out_dir", "{t}/eval", "--visualize"],
+    ),
+    "training's eval_config.json": (  # a TrainConfig is not eval.py's marker
+        lambda t: _foreign(t / "eval" / "eval_config.json", '{"exp_name": "llmseg"}'),
+        ["--model_dir", "{m}", "--out_dir", "{t}/eval"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(EVAL_FOREIGN))
+def test_eval_never_replaces_results_it_did_not_write(case, run, tmp_path):
+    make, argv = EVAL_FOREIGN[case]
+    in_the_way = make(tmp_path)
+    write_reason_seg(tmp_path / "data", "val", 1)
+    (tmp_path / "preds").mkdir()
+    common = ["--dataset_dir", "{t}/data/dataset", "--sam_masks_dir", "{t}/data/sam_masks"]
+    if "pred_dir" in case:
+        common += ["--pred_dir", "{t}/preds"]
+    argv = [a.format(m=tmp_path / "not_there", t=tmp_path) for a in common + argv]
+    before = _listing(tmp_path)
+    code, err = run("eval.py", argv)
+    _assert_one_error_line(code, err, str(in_the_way), "not written by eval.py", "--overwrite")
+    assert _listing(tmp_path) == before
+
+    # With --overwrite the same command goes on (pred_dir: scores; a model: stops at the
+    # missing export, past the check).
+    code, err = run("eval.py", [*argv, "--overwrite"])
+    if "pred_dir" in case:
+        assert code == 0, err
+    else:
+        _assert_one_error_line(code, err, str(tmp_path / "not_there"))
+
+
+def test_eval_replaces_its_own_earlier_results(run, tmp_path):
+    dataset_dir, masks_dir = write_reason_seg(tmp_path / "data", "val", 1)
+    (tmp_path / "preds").mkdir()
+    argv = ["--dataset_dir", str(dataset_dir), "--pred_dir", str(tmp_path / "preds"),
+            "--out_json", str(tmp_path / "scores" / "scores.json")]  # fmt: skip
+    assert run("eval.py", argv)[0] == 0
+    first = (tmp_path / "scores" / "scores.json").read_bytes()
+    assert run("eval.py", argv)[0] == 0  # a rerun, no --overwrite
+    assert (tmp_path / "scores" / "scores.json").read_bytes() == first
+
+    # A model's evaluation folder from an earlier eval.py run (metrics, rows, overlays): the
+    # rerun passes the check and stops only at the missing export.
+    eval_dir = tmp_path / "eval"
+    for path in ("metrics.json", "per_image.csv", "vis/img_000.png"):
+        _foreign(eval_dir / path)
+    _eval_config(eval_dir, out_dir=str(eval_dir), visualize=True)
+    missing = str(tmp_path / "not_there")
+    argv = ["--model_dir", missing, "--dataset_dir", str(dataset_dir), "--sam_masks_dir",
+            str(masks_dir), "--out_dir", str(eval_dir), "--visualize"]  # fmt: skip
+    code, err = run("eval.py", argv)
+    _assert_one_error_line(code, err, missing)
 
 
 @pytest.mark.parametrize(
@@ -339,6 +427,12 @@ TRAINING = ["--version", "{t}", "--log_base_dir", "{t}/runs", "--dataset", "reas
         (["--sample_rates", "1,1"], "--sample_rates"),
         (["--sample_rates", "0"], "--sample_rates"),
         (["--sample_rates", "one"], "--sample_rates"),
+        # checked for every --rejection mode (no-target data checks return early for token)
+        (["--dataset", "nosuch", "--rejection", "token"], "--dataset"),
+        (["--dataset", "reason_seg||vqa", "--rejection", "token"], "--sample_rates"),
+        (["--sample_rates", "1,1", "--rejection", "answer"], "--sample_rates"),
+        (["--val_dataset", "nosuch|val", "--rejection", "token"], "--val_dataset"),
+        (["--val_dataset", "MRSeg", "--rejection", "token"], "--val_dataset"),
     ],
 )
 def test_training_checks_its_numbers_before_building_anything(argv, flag, run, tmp_path):

@@ -196,9 +196,8 @@ def _multi_round_train(config) -> MultiRoundSource:
 
 
 def _mrseg_eval(config, parts: list[str], with_proposals: bool):
-    """``MRSeg|<file stem>`` (e.g. ``MRSeg|mr_refcoco_val``): every usable conversation."""
-    if len(parts) < 2 or not parts[1]:
-        raise ValueError("--val_dataset MRSeg needs a file stem: MRSeg|mr_refcoco_val")
+    """``MRSeg|<file stem>`` (e.g. ``MRSeg|mr_refcoco_val``; :func:`check_val_dataset` checked
+    the stem is there): every usable conversation."""
     masks_dir = config.sam_masks_dir if with_proposals else None
     return load_mrseg(config.dataset_dir, parts[1], masks_dir, strict=True)
 
@@ -267,14 +266,41 @@ EVAL_SETS: dict[str, Callable] = {
 }
 
 
+def training_mixture(dataset: str, sample_rates: str) -> list[tuple[str, float]]:
+    """``--dataset`` and ``--sample_rates`` parsed (:func:`~utils.data.mixing.parse_mixture`)
+    and every family checked against :data:`TRAIN_SOURCES`; reads no file, so training checks
+    it at start-up. Raises ``ValueError`` naming the flag."""
+    mixture = parse_mixture(dataset, sample_rates)
+    for name, _ in mixture:
+        if name not in TRAIN_SOURCES:
+            raise ValueError(
+                f"unknown training family {name!r}; expected one of {sorted(TRAIN_SOURCES)}: "
+                "--dataset"
+            )
+    return mixture
+
+
+def check_val_dataset(spec: str) -> str:
+    """The :data:`EVAL_SETS` key of ``--val_dataset`` ``spec`` (``ReasonSeg|val`` ->
+    ``reasonseg``), checked without reading a file. Raises ``ValueError`` naming the flag."""
+    parts = spec.split("|")
+    key = parts[0].lower()
+    if key not in EVAL_SETS:
+        raise ValueError(
+            f"unknown --val_dataset {spec!r}; known sets: {sorted(EVAL_SETS)}: --val_dataset"
+        )
+    if key == "mrseg" and (len(parts) < 2 or not parts[1]):
+        raise ValueError(
+            f"{spec!r} names no conversation file; give its stem, e.g. MRSeg|mr_refcoco_val: "
+            "--val_dataset"
+        )
+    return key
+
+
 def build_train_dataset(config, encoder: SampleEncoder, length: int) -> MixedTrainingDataset:
     """The training mixture of ``config.dataset`` at ``config.sample_rates``."""
     sources = []
-    for name, weight in parse_mixture(config.dataset, config.sample_rates):
-        if name not in TRAIN_SOURCES:
-            raise ValueError(
-                f"unknown training family {name!r}; expected one of {sorted(TRAIN_SOURCES)}"
-            )
+    for name, weight in training_mixture(config.dataset, config.sample_rates):
         if weight > 0:
             source = TRAIN_SOURCES[name](config)
             if hasattr(source, "report_lengths"):
@@ -287,9 +313,7 @@ def eval_records(config, spec: str, with_proposals: bool = True, skipped=None) -
     """The evaluation records named by ``spec`` (e.g. ``ReasonSeg|val``); files left out with
     ``--skip_missing`` are appended to ``skipped`` (ReasonSeg)."""
     parts = spec.split("|")
-    key = parts[0].lower()
-    if key not in EVAL_SETS:
-        raise ValueError(f"unknown --val_dataset {spec!r}; known sets: {sorted(EVAL_SETS)}")
+    key = check_val_dataset(spec)
     if key == "reasonseg":
         records = _reason_seg_eval(config, parts, with_proposals, skipped)
     else:
