@@ -16,6 +16,7 @@ longest side of 1024, as the prepare scripts do.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from utils.data.conversation import (
     encode_conversation,
 )
 from utils.data.images import clip_image_processor, preprocess_for_clip, preprocess_for_dinov2
+from utils.data.rejection import rejection_decisions, rejection_probe
 from utils.legacy_tokenizer import LegacyLlamaTokenizer, resolve_tokenization
 from utils.masks import resize_longest_side
 from utils.proposal_store import ImageProposals, ProposalReader, build_proposal_sample
@@ -290,6 +292,23 @@ class Segmenter:
         return prompt
 
     @torch.no_grad()
+    def _rejection(self, question: str, input_ids: torch.Tensor, batch) -> float | None:
+        """For a model trained with ``--rejection``, teacher-forced: the probability with which
+        it would rather reject (:func:`~utils.data.rejection.rejection_decisions`) when that is
+        its choice, else ``None``."""
+        if self.model.rejection == "none":
+            return None
+        probe = rejection_probe(
+            lambda answer: self.encode(question, answer)[0].tolist(),
+            self.model.rejection,
+            self.model.seg_token_id,
+        )
+        logits = self.model.score(batch.to(self.device, self.dtype)).logits[0]
+        positions = (input_ids == self.model.seg_token_id).nonzero().squeeze(1)
+        rejected, probability = rejection_decisions(logits, positions.to(logits.device), probe)
+        return float(probability.max()) if bool(rejected.any()) else None
+
+    @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, clip_pixels: torch.Tensor) -> torch.Tensor:
         """Greedy answer ids ``(T,)`` after ``prompt_ids`` (eos included when reached)."""
         return generate_answers(
@@ -351,11 +370,23 @@ class Segmenter:
             if self.head == "combined":
                 masks = [combine_heads(mask, sample.masks) for mask in masks]
             rounds = [SegmentationRound(mask=m.numpy().astype(bool), proposals=[]) for m in masks]
+        rejected = self._rejection(question, input_ids, batch) if settings.mode != "free" else None
+        if rejected is not None:  # the scores stay in the JSON; nothing is selected
+            rounds = [
+                SegmentationRound(
+                    mask=np.zeros_like(r.mask),
+                    proposals=[dataclasses.replace(p, selected=False) for p in r.proposals],
+                )
+                for r in rounds
+            ]
         mask = np.zeros((height, width), bool)
         for round_ in rounds:
             mask |= round_.mask
         note = ""
-        if not rounds:
+        if rejected is not None:
+            note = (f"The model would rather answer that there is no such object (probability "
+                    f"{rejected:.2f}), so the mask is empty.")  # fmt: skip
+        elif not rounds:
             note = NO_SEG_NOTE
             answer = f"{answer} [{NO_SEG_NOTE}]" if answer else NO_SEG_NOTE
         elif len(sample.indices) == 0:

@@ -10,11 +10,13 @@ import random
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.builder import build_llm_seg, setup_trainable, tiny_llm_seg_config
 from model.evaluation import SelectionSettings, evaluate
 from model.export import load_exported, save_export
 from model.export_manifest import ExportManifest, describe_model
+from model.inference import InferenceSettings, Segmenter, StoreProposals
 from tests.model.test_multi_round import OBJECTS, _settings, _train, write_scene
 from utils.data.builders import build_encoder
 from utils.data.mixing import EvaluationDataset
@@ -184,6 +186,18 @@ def test_a_rejection_trained_model_rejects_the_absent_and_segments_the_present(
             torch.device("cpu"), torch.float32, tokenizer.pad_token_id, tmp_path / f"{kind}_eval",
         )  # fmt: skip
         assert (again["num_rejected"], again["n_acc"], again["t_acc"]) == (1, 1.0, 1.0)
+
+    # Chat, teacher-forced: the absent object gets an empty mask and the reason.
+    settings = InferenceSettings(mode="teacher_forced", template="raw", strategy="argmax")
+    segmenter = Segmenter(loaded, StoreProposals(scene / "store"), settings)
+    image = np.asarray(Image.open(scene / "scene.png").convert("RGB"))
+    absent = segmenter(image, ABSENT.split("\n")[1], "scene.png")
+    assert not absent.mask.any()
+    assert "would rather answer that there is no such object" in absent.note
+    assert not any(p.selected for r in absent.rounds for p in r.proposals)
+    present = segmenter(image, PRESENT.split("\n")[1], "scene.png")
+    assert np.array_equal(present.mask, OBJECTS["red"].astype(bool))
+    assert present.note == ""
 
 
 def test_without_rejection_nothing_changes(scene, tiny_checkpoints, tmp_path):
