@@ -43,10 +43,11 @@ round 1 asks about varied objects): training reads every one, evaluation the fir
 
 ``--no_target_queries F`` / ``--multi_target_queries F`` (default 0) add queries about nothing
 in the scene (``"no_target": true``, empty ``shapes``) or about every object sharing a colour or
-shape (every target's polygons in ``shapes``), both with ``"targets": [...]`` and ``"target":
-null`` (`prepare_datasets.synthetic.target_sets`): an extra query of a fraction F of the train
-pictures, the *main* query of a fraction F of the val/test pictures (so evaluation sees them).
-They come from generators of their own, so everything else stays as without the options.
+shape (every target's polygons in ``shapes``, each with ``group_id``: its object's index), both
+with ``"targets": [...]`` and ``"target": null`` (`prepare_datasets.synthetic.target_sets`): an
+extra query of a fraction F of the train pictures, the *main* query of a fraction F of the
+val/test pictures (so evaluation sees them). They come from generators of their own, so
+everything else stays as without the options.
 
 Deterministic: every image draws from its own generator seeded by ``(seed, split, index)``, so a
 rerun writes byte-identical files. Extra queries, then the conversation, are drawn last, so the

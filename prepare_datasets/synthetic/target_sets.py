@@ -12,6 +12,8 @@ answer is "nothing" (the data convention of :mod:`utils.data.rejection`):
 
 A multi-target query asks for every object sharing a property that at least two objects have
 ("every blue object", "all the circles"); its ground truth is the union of their visible regions.
+Each of its polygons carries labelme's ``group_id``: the index of the object it outlines, so a
+reader can also rasterise every target on its own (``--multi_target_answer per_instance``).
 
 Shape words that a reader could take for each other count as the same shape here: a ring is a
 kind of circle to many readers, so "the circle" is never a no-target query beside a ring and
@@ -198,22 +200,30 @@ def phrase_target_set(
 
 @dataclass
 class PhrasedTargetSet:
-    """A :class:`TargetSetQuery` with its form, phrasings and its targets' labelme polygons."""
+    """A :class:`TargetSetQuery` with its form, phrasings and its targets' labelme polygons
+    (``owners``: the object index of each polygon, in ``polygons`` order)."""
 
     query: TargetSetQuery
     is_sentence: bool
     texts: list[str]
     polygons: list[np.ndarray]
+    owners: list[int]
 
     def to_record(self) -> dict:
         """The query's ReasonSeg fields: ``shapes`` holds every target's polygons (the reader
-        unions them); a no-target query has none and ``"no_target": true``."""
+        unions them), each with ``group_id``, its object's index; a no-target query has none
+        and ``"no_target": true``."""
         record = {
             "text": self.texts,
             "is_sentence": self.is_sentence,
             "shapes": [
-                {"label": "target", "points": polygon.tolist(), "shape_type": "polygon"}
-                for polygon in self.polygons
+                {
+                    "label": "target",
+                    "points": polygon.tolist(),
+                    "shape_type": "polygon",
+                    "group_id": owner,
+                }
+                for polygon, owner in zip(self.polygons, self.owners, strict=True)
             ],
             "query_type": self.query.kind,
             "query_subtype": self.query.subtype,
@@ -239,7 +249,8 @@ def draw_target_set(
         is_sentence = bool(rng.random() < 0.5)
     texts = phrase_target_set(rng, query, is_sentence, num_texts)
     target_polygons = [p for i in query.targets for p in polygons[i]]
-    return PhrasedTargetSet(query, is_sentence, texts, target_polygons)
+    owners = [i for i in query.targets for _ in polygons[i]]
+    return PhrasedTargetSet(query, is_sentence, texts, target_polygons, owners)
 
 
 # 4th seed word of a picture's no/multi-target generator; never 0, as numpy pads seeds with

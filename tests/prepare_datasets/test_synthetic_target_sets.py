@@ -20,7 +20,7 @@ from prepare_datasets.synthetic.target_sets import (
     target_set_kinds,
 )
 from utils.data.builders import eval_records
-from utils.data.reason_seg import ReasonSegSource, load_reason_seg_split
+from utils.data.reason_seg import ReasonSegSource, instance_shapes, load_reason_seg_split
 from utils.data.rejection import REJECTION_SENTENCE
 from utils.masks import labelme_to_mask
 
@@ -221,6 +221,32 @@ def test_reader_trains_rejections_without_mask_rows(runs):
         assert masks.shape == (len(answers) - sum(rejecting), SIZE, SIZE)
         assert all(mask.any() for mask in masks)  # every row left is a real target
     assert rejections > 0
+
+
+def test_per_instance_rows_are_each_targets_visible_region(runs):
+    """Every multi-target polygon names its object (``group_id``), so per-instance training
+    rows are the targets' visible regions, in ``targets`` order."""
+    items = load_reason_seg_split(runs[0].parent.parent, None, "train_val")
+    checked = 0
+    for item in items:
+        record = json.loads(item.image_path.with_suffix(".json").read_text())
+        for index, query in enumerate(queries(record)):
+            if query["query_type"] != MULTI_TARGET:
+                continue
+            assert {s["group_id"] for s in query["shapes"]} == set(query["targets"])
+            parsed = item.main_query if index == 0 else item.extra_queries[index - 1]
+            instances = instance_shapes(parsed, item.image_path.name)
+            _, visible = render_masks(scene(query), SIZE, SIZE)
+            assert len(instances) == len(query["targets"])
+            for target, shapes in zip(query["targets"], instances, strict=True):
+                assert np.array_equal(labelme_to_mask(shapes, SIZE, SIZE) == 1, visible[target])
+            checked += 1
+    assert checked >= 3
+    source = ReasonSegSource(items, 3, multi_target_answer="per_instance")
+    for seed in range(20):
+        record = source.sample_record(random.Random(seed))
+        num_seg = sum(turns[0][1].count("[SEG]") for turns in record.conversations)
+        assert record.masks(SIZE, SIZE).shape == (num_seg, SIZE, SIZE)
 
 
 def test_candidates_by_hand():

@@ -22,6 +22,7 @@ from utils.data.llmseg40k import LLMSeg40KSource, llmseg40k_eval_record, load_ll
 from utils.data.mixing import EvaluationDataset, MixedTrainingDataset, parse_mixture
 from utils.data.mrseg import load_mrseg
 from utils.data.multi_round import DEFAULT_MAX_ROUNDS, MultiRoundSource, load_multi_round_train
+from utils.data.multi_target import MULTI_TARGET_ANSWERS
 from utils.data.reason_seg import (
     ReasonSegSource,
     load_reason_seg_split,
@@ -59,6 +60,13 @@ class DataConfig:
         metadata={"help": "refer_seg training: probability that a sentence is replaced by one of "
                   "another image naming a category absent from this one, answered with the "
                   "rejection sentence (needs --rejection answer or token)"},
+    )  # fmt: skip
+    multi_target_answer: str = field(
+        default="union",
+        metadata={"help": "training rounds of a multi-target query (gRefCOCO refs of several "
+                  "annotations, ReasonSeg jsons' targets lists): union (one [SEG], the union "
+                  "mask) or per_instance (one [SEG] per instance: '[SEG], [SEG] and [SEG].')",
+                  "choices": list(MULTI_TARGET_ANSWERS)},
     )  # fmt: skip
     vqa_data: str = field(default="llava_instruct_150k", metadata={"help": "VQA dataset"})
     reason_seg_data: str = field(default="ReasonSeg|train", metadata={"help": "ReasonSeg split"})
@@ -161,7 +169,9 @@ def _reason_seg_train(config) -> ReasonSegSource:
     if items:
         keys = [item.image_path.name for item in items]
         check_proposal_coverage(keys, items[0].proposals, f"ReasonSeg|{split or 'train'}")
-    return ReasonSegSource(items, config.num_classes_per_sample)
+    return ReasonSegSource(
+        items, config.num_classes_per_sample, getattr(config, "multi_target_answer", "union")
+    )
 
 
 def _reason_seg_eval(config, parts: list[str], with_proposals: bool, skipped=None):
@@ -182,6 +192,7 @@ def _refer_seg_train(config):
     return load_refer_train(
         config.dataset_dir, config.sam_masks_dir, config.refer_seg_data,
         config.num_classes_per_sample, getattr(config, "false_premise_fraction", 0.0),
+        getattr(config, "multi_target_answer", "union"),
     )  # fmt: skip
 
 

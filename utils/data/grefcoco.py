@@ -20,9 +20,11 @@ The result is one :class:`~utils.data.refer_seg.ReferImage` per image (its sente
 order, with ``sentence_ids`` and ``no_target``), so evaluation (``refer_eval_record``,
 ``--val_dataset "grefcoco|unc|val"``) and the refer_seg training family (``--refer_seg_data
 "refcoco||grefcoco"``: a no-target sentence's round answers the rejection sentence and has no
-mask row, :mod:`utils.data.rejection`; it needs ``--rejection answer`` or ``token``) reuse the
-refer code. ``eval.py --pred_dir`` scores ``<sent_id>.png`` per sentence
-(:mod:`utils.grefcoco_scoring`).
+mask row, :mod:`utils.data.rejection`; it needs ``--rejection answer`` or ``token``; a
+multi-target sentence's round answers one ``[SEG]`` for the union, or with
+``--multi_target_answer per_instance`` one per annotation in ``ann_id`` order,
+:mod:`utils.data.multi_target`) reuse the refer code. ``eval.py --pred_dir`` scores
+``<sent_id>.png`` per sentence (:mod:`utils.grefcoco_scoring`).
 
 Bad input stops the build with one line naming the file: a missing or malformed grefs/instances
 file, a ref pointing to an unknown image or annotation, an annotation of another image, ``-1``

@@ -22,7 +22,12 @@ evaluation record answers ``[SEG].`` with an all-zero mask row flagged in ``reco
 (a split without any such query keeps ``no_target=None``, so its reports are unchanged), and a
 training round asking it answers :data:`~utils.data.rejection.REJECTION_SENTENCE` with no mask
 row. A multi-target query needs nothing of its own: its ``shapes`` hold every target's polygons,
-which rasterise to their union.
+which rasterise to their union. With ``--multi_target_answer per_instance``
+(:mod:`utils.data.multi_target`), a training round asking a query with ``"targets": [i, j, ...]``
+(two or more; the synthetic data's ``--multi_target_queries``) answers one ``[SEG]`` per target in
+``targets`` order, each with the label map of the target shapes whose ``group_id`` is that object
+index (ignore regions in every row); a target polygon without such a ``group_id`` stops the build,
+naming the json. Queries without ``targets`` (real ReasonSeg) keep their one ``[SEG]``.
 
 Behaviour on bad input: every json is parsed when the dataset is built, so a malformed or missing
 json stops the run at once with the file named (before hours of training, not in the middle).
@@ -47,6 +52,7 @@ from utils.data.conversation import (
     VALIDATION_LONG_QUESTION,
     VALIDATION_SHORT_QUESTION,
 )
+from utils.data.multi_target import check_multi_target_answer, per_instance_answer
 from utils.data.rejection import REJECTION_SENTENCE
 from utils.data.samples import SegmentationRecord
 from utils.masks import labelme_to_mask
@@ -67,6 +73,7 @@ class ReasonSegQuery:
     is_sentence: bool
     shapes: list[dict]
     no_target: bool = False  # refers to nothing ("no_target": true in the json)
+    targets: object = None  # the json's "targets" as written (object indices; None: absent)
 
 
 @dataclass
@@ -82,10 +89,13 @@ class ReasonSegItem:
     extra: dict
     extra_queries: list[ReasonSegQuery] = field(default_factory=list)
     no_target: bool = False
+    targets: object = None  # the main query's "targets" (see ReasonSegQuery)
 
     @property
     def main_query(self) -> ReasonSegQuery:
-        return ReasonSegQuery(self.texts, self.is_sentence, self.shapes, self.no_target)
+        return ReasonSegQuery(
+            self.texts, self.is_sentence, self.shapes, self.no_target, self.targets
+        )
 
     def masks(self, height: int, width: int, count: int) -> np.ndarray:
         """``(count, H, W)`` copies of the label map (1 target, 255 ignore), one per ``[SEG]``."""
@@ -144,7 +154,8 @@ def _parse_query(data: dict, where: str) -> ReasonSegQuery:
         raise DatasetFormatError(f"{where}: field 'no_target' must be true or false")
     if no_target and has_target_polygon(shapes):
         raise DatasetFormatError(f"{where}: 'no_target' is true but 'shapes' holds a target")
-    return ReasonSegQuery(list(texts), bool(data["is_sentence"]), shapes, no_target)
+    targets = data.get("targets")  # checked only where read (per_instance answers)
+    return ReasonSegQuery(list(texts), bool(data["is_sentence"]), shapes, no_target, targets)
 
 
 def parse_reason_seg_json(path: Path) -> tuple[ReasonSegQuery, list[ReasonSegQuery], dict]:
@@ -167,11 +178,59 @@ def parse_reason_seg_json(path: Path) -> tuple[ReasonSegQuery, list[ReasonSegQue
     return main_query, extra_queries, other
 
 
+def is_target_shape(shape: dict) -> bool:
+    """Whether a shape is a target: its label, lower-cased, is not ``flag`` and holds no
+    ``ignore``."""
+    label = str(shape.get("label", "")).lower()
+    return label != "flag" and "ignore" not in label
+
+
 def has_target_polygon(shapes: list[dict]) -> bool:
-    """Whether any shape is a target (its label, lower-cased, is not ``flag`` and holds no
-    ``ignore``), i.e. whether the rasterised target can be non-empty."""
-    labels = (str(shape.get("label", "")).lower() for shape in shapes)
-    return any(label != "flag" and "ignore" not in label for label in labels)
+    """Whether any shape is a target (:func:`is_target_shape`), i.e. whether the rasterised
+    target can be non-empty."""
+    return any(is_target_shape(shape) for shape in shapes)
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def instance_shapes(query: ReasonSegQuery, where: str) -> list[list[dict]] | None:
+    """Per target of a multi-target query (``targets`` of two or more objects), in ``targets``
+    order, the shapes of its label map: the target shapes whose ``group_id`` is its object index
+    and every non-target (ignore, flag) shape. ``None`` for any other query.
+
+    Raises:
+        DatasetFormatError: naming ``where``, when ``targets`` is not a list of distinct object
+            indices, a target shape has no ``group_id`` among them, or a target has no shape.
+    """
+    targets = query.targets
+    if query.no_target or targets is None:
+        return None
+    if (
+        not isinstance(targets, list)
+        or not all(_is_index(t) for t in targets)
+        or len(set(targets)) != len(targets)
+    ):
+        raise DatasetFormatError(f"{where}: field 'targets' must be a list of distinct indices")
+    if len(targets) < 2:
+        return None
+    for index, shape in enumerate(query.shapes):
+        group = shape.get("group_id")
+        if is_target_shape(shape) and not (_is_index(group) and group in targets):
+            raise DatasetFormatError(
+                f"{where}: shapes[{index}] has no group_id naming one of its targets {targets}, "
+                "which --multi_target_answer per_instance needs (data written before group_id "
+                "was: rerun prepare_datasets.prepare_synthetic)"
+            )
+    per_target = [
+        [s for s in query.shapes if not is_target_shape(s) or s.get("group_id") == target]
+        for target in targets
+    ]
+    for target, shapes in zip(targets, per_target):
+        if not has_target_polygon(shapes):
+            raise DatasetFormatError(f"{where}: target {target} has no shape (group_id {target})")
+    return per_target
 
 
 def _report_empty_targets(split: str, items: list[ReasonSegItem], total: int) -> None:
@@ -247,6 +306,7 @@ def load_reason_seg_split(
                     other,
                     extra_queries,
                     query.no_target,
+                    query.targets,
                 )
             )
         split_items = items[first:]
@@ -310,7 +370,7 @@ def _record(
 
 
 def reason_seg_train_record(
-    item: ReasonSegItem, rng: random.Random, num_queries: int = 3
+    item: ReasonSegItem, rng: random.Random, num_queries: int = 3, multi_target_answer="union"
 ) -> SegmentationRecord:
     """A training sample of up to ``num_queries`` conversations (rounds) about the image.
 
@@ -318,39 +378,67 @@ def reason_seg_train_record(
     the same target. With them: that many *different* queries drawn from the main one and the
     extras (the main one is not always among them), one random phrasing each, every
     conversation with its own query's target. A no-target query's rounds answer
-    :data:`~utils.data.rejection.REJECTION_SENTENCE` and have no mask row.
+    :data:`~utils.data.rejection.REJECTION_SENTENCE` and have no mask row. With
+    ``multi_target_answer="per_instance"`` a multi-target query's rounds answer one ``[SEG]``
+    per target, each with its own row (:func:`instance_shapes`); the draws are the same.
     """
+    per_instance = check_multi_target_answer(multi_target_answer) == "per_instance"
+    where = str(item.image_path.with_suffix(".json"))
     if not item.extra_queries:
         texts = rng.sample(item.texts, min(num_queries, len(item.texts)))
+        instances = instance_shapes(item.main_query, where) if per_instance else None
+        count = len(instances) if instances else 1
         conversations = [
-            _conversation(text, item.is_sentence, rng, item.no_target) for text in texts
+            _conversation(text, item.is_sentence, rng, item.no_target, count) for text in texts
         ]
+        if instances:
+            shapes = instances * len(texts)
+            return _record(item, conversations, texts, functools.partial(_query_masks, shapes))
         if not item.no_target:
             return _record(item, conversations, texts)
         return _record(item, conversations, texts, functools.partial(_query_masks, []))
-    pool = [item.main_query, *item.extra_queries]
+    pool = list(enumerate([item.main_query, *item.extra_queries]))
     chosen = rng.sample(pool, min(num_queries, len(pool)))
-    texts = [rng.choice(query.texts) for query in chosen]
-    conversations = [
-        _conversation(text, query.is_sentence, rng, query.no_target)
-        for text, query in zip(texts, chosen)
-    ]
-    shapes = [query.shapes for query in chosen if not query.no_target]
+    texts = [rng.choice(query.texts) for _, query in chosen]
+    conversations, shapes = [], []
+    for text, (index, query) in zip(texts, chosen):
+        instances = None
+        if per_instance:
+            instances = instance_shapes(query, _query_place(where, index))
+        count = len(instances) if instances else 1
+        conversations.append(_conversation(text, query.is_sentence, rng, query.no_target, count))
+        if not query.no_target:
+            shapes += instances or [query.shapes]
     return _record(item, conversations, texts, functools.partial(_query_masks, shapes))
 
 
+def _count_multi_target(item: ReasonSegItem) -> int:
+    """Queries of ``item`` that :func:`instance_shapes` splits (checking every one)."""
+    where = str(item.image_path.with_suffix(".json"))
+    queries = [item.main_query, *item.extra_queries]
+    return sum(
+        instance_shapes(q, _query_place(where, i)) is not None for i, q in enumerate(queries)
+    )
+
+
+def _query_place(json_path: str, index: int) -> str:
+    """Where query ``index`` of a json (0: the main one, then the extras) is, for errors."""
+    return json_path if index == 0 else f"{json_path}: extra_queries[{index - 1}]"
+
+
 def _conversation(
-    text: str, is_sentence: bool, rng: random.Random, no_target: bool = False
+    text: str, is_sentence: bool, rng: random.Random, no_target: bool = False, num_seg: int = 1
 ) -> list[tuple[str, str]]:
     """One training round: a random question template around ``text``, a random answer (the
-    rejection sentence for a ``no_target`` query)."""
+    rejection sentence for a ``no_target`` query; ``num_seg > 1``: its ``[SEG]`` listed that
+    many times, :func:`~utils.data.multi_target.per_instance_answer`)."""
     if is_sentence:
         question = rng.choice(LONG_QUESTION_TEMPLATES).format(sent=text)
     else:
         question = rng.choice(SHORT_QUESTION_TEMPLATES).format(class_name=text.lower())
     # Drawn for every round, so a rejection does not shift the draws of the rounds after it.
     answer = rng.choice(ANSWER_TEMPLATES)
-    return [(question, REJECTION_SENTENCE if no_target else answer)]
+    return [(question, REJECTION_SENTENCE if no_target else per_instance_answer(answer, num_seg))]
 
 
 def reason_seg_eval_record(item: ReasonSegItem, flag_no_target: bool = False) -> SegmentationRecord:
@@ -377,16 +465,25 @@ def reason_seg_eval_records(items: list[ReasonSegItem]) -> list[SegmentationReco
 
 class ReasonSegSource:
     """Training source: a random ReasonSeg image with up to ``num_queries`` of its queries
-    (:func:`reason_seg_train_record`)."""
+    (:func:`reason_seg_train_record`). With ``multi_target_answer="per_instance"`` every
+    multi-target query is checked here, so bad data stops the build, not training."""
 
     name = "reason_seg"
 
-    def __init__(self, items: list[ReasonSegItem], num_queries: int = 3):
+    def __init__(
+        self, items: list[ReasonSegItem], num_queries: int = 3, multi_target_answer="union"
+    ):
+        self.multi_target_answer = check_multi_target_answer(multi_target_answer)
         if not items:
             raise ValueError("ReasonSeg training source has no images")
         self.items = items
         self.num_queries = num_queries
         self.num_no_target = count_no_target_queries(items)
+        if self.multi_target_answer == "per_instance":
+            count = sum(_count_multi_target(item) for item in items)
+            logger.info("ReasonSeg: %d multi-target queries answer one [SEG] per target", count)
 
     def sample_record(self, rng: random.Random) -> SegmentationRecord:
-        return reason_seg_train_record(rng.choice(self.items), rng, self.num_queries)
+        return reason_seg_train_record(
+            rng.choice(self.items), rng, self.num_queries, self.multi_target_answer
+        )

@@ -27,6 +27,10 @@ whose referred category is not annotated anywhere in this image), answer
 :data:`~utils.data.rejection.REJECTION_SENTENCE` and have no mask row. Both need the model's
 ``--rejection answer`` or ``token`` (checked at start-up, :mod:`utils.data.no_target`).
 
+Multi-target training rounds (gRefCOCO sentences of several annotations): one ``[SEG]`` for the
+union, or with ``--multi_target_answer per_instance`` one ``[SEG]`` per annotation in ``ann_id``
+order, each with that annotation's mask row (:mod:`utils.data.multi_target`).
+
 Behaviour on bad input: a missing or malformed ``refs(*).p``/``instances.json`` (or a ref that
 points to an unknown image or annotation) stops the run when the dataset is built, naming the
 file. Missing image files, images absent from the proposal store or with zero proposals are
@@ -59,6 +63,7 @@ from utils.data.dataset_files import (
     keep_available,
     open_proposal_store,
 )
+from utils.data.multi_target import check_multi_target_answer, per_instance_answer
 from utils.data.rejection import REJECTION_SENTENCE
 from utils.data.samples import SegmentationRecord
 from utils.proposal_store import ProposalReader
@@ -250,16 +255,24 @@ def load_refer_split(
 
 
 def _record(
-    image: ReferImage, conversations, rows: list[int], texts, no_target=None
+    image: ReferImage, conversations, rows: list[int], texts, no_target=None, per_instance=False
 ) -> SegmentationRecord:
     """The record of ``conversations`` whose ``[SEG]`` answers have the targets of sentences
-    ``rows`` (in order; rejecting rounds have none), ``no_target`` flagging those rows."""
+    ``rows`` (in order; rejecting rounds have none), ``no_target`` flagging those rows;
+    ``per_instance``: a sentence of several annotations has one row per annotation."""
+    targets = []  # (sentence row, the segmentations its mask row unions)
+    for row in rows:
+        segmentations = image.segmentations[row]
+        if per_instance and len(segmentations) > 1:
+            targets += [(row, [segmentation]) for segmentation in segmentations]
+        else:
+            targets.append((row, segmentations))
     return SegmentationRecord(
         image_path=image.image_path,
         conversations=conversations,
         masks=functools.partial(
             union_masks,
-            [image.segmentations[r] for r in rows],
+            [segmentations for _, segmentations in targets],
             (image.height, image.width),
             image.image_path,
         ),
@@ -270,7 +283,7 @@ def _record(
         queries=list(texts),
         no_target=no_target,
         prediction_names=(
-            tuple(str(image.sentence_ids[r]) for r in rows) if image.sentence_ids else None
+            tuple(str(image.sentence_ids[r]) for r, _ in targets) if image.sentence_ids else None
         ),
     )
 
@@ -283,14 +296,18 @@ def refer_train_record(
     rng: random.Random,
     num_sentences: int = 3,
     false_premise: FalsePremise | None = None,
+    multi_target_answer: str = "union",
 ) -> SegmentationRecord:
     """Up to ``num_sentences`` of the image's pooled sentences, SHORT template, lower-cased.
 
     A no-target sentence (gRefCOCO), or one that ``false_premise(image, rng)`` replaces by an
     expression of something absent, answers :data:`~utils.data.rejection.REJECTION_SENTENCE`
-    and has no mask row. Raises ``DatasetFormatError`` when the annotation's size is not the
-    image's.
+    and has no mask row. A sentence of several annotations (gRefCOCO) answers one ``[SEG]``
+    (their union), or with ``multi_target_answer="per_instance"`` one per annotation
+    (:mod:`utils.data.multi_target`). Raises ``DatasetFormatError`` when the annotation's size
+    is not the image's.
     """
+    per_instance = check_multi_target_answer(multi_target_answer) == "per_instance"
     check_image_size(image.image_path, (image.height, image.width), image.dataset)
     rows = rng.sample(range(len(image.sentences)), min(num_sentences, len(image.sentences)))
     texts, rejected = [], []
@@ -302,12 +319,14 @@ def refer_train_record(
         texts.append(text)
         rejected.append(no_target)
     conversations = []
-    for text, no_target in zip(texts, rejected):
+    for row, text, no_target in zip(rows, texts, rejected):
         question = rng.choice(SHORT_QUESTION_TEMPLATES).format(class_name=text.lower())
         answer = rng.choice(ANSWER_TEMPLATES)  # drawn anyway: later rounds' draws stay put
+        if per_instance:
+            answer = per_instance_answer(answer, len(image.segmentations[row]))
         conversations.append([(question, REJECTION_SENTENCE if no_target else answer)])
     mask_rows = [row for row, no_target in zip(rows, rejected) if not no_target]
-    return _record(image, conversations, mask_rows, texts)
+    return _record(image, conversations, mask_rows, texts, per_instance=per_instance)
 
 
 def refer_eval_record(image: ReferImage) -> SegmentationRecord:
@@ -348,7 +367,7 @@ def draw_false_premise(
 
 class ReferSegSource:
     """Training source: a uniformly chosen refer dataset, then a random image of it
-    (``false_premise_fraction``: see the module docstring)."""
+    (``false_premise_fraction``, ``multi_target_answer``: see the module docstring)."""
 
     name = "refer_seg"
 
@@ -357,7 +376,9 @@ class ReferSegSource:
         datasets: dict[str, list[ReferImage]],
         num_sentences: int = 3,
         false_premise_fraction: float = 0.0,
+        multi_target_answer: str = "union",
     ):
+        self.multi_target_answer = check_multi_target_answer(multi_target_answer)
         self.datasets = {name: images for name, images in datasets.items() if images}
         if not self.datasets:
             raise ValueError("refer_seg training source has no images (check --refer_seg_data)")
@@ -374,17 +395,26 @@ class ReferSegSource:
             false_premise = functools.partial(
                 draw_false_premise, self.false_premise_fraction, images
             )
-        return refer_train_record(image, rng, self.num_sentences, false_premise)
+        return refer_train_record(
+            image, rng, self.num_sentences, false_premise, self.multi_target_answer
+        )
 
     def sample_record(self, rng: random.Random) -> SegmentationRecord:
         return draw_usable(lambda: self._draw(rng), self.skipped, self.name)
 
 
 def load_refer_train(
-    dataset_dir, sam_masks_dir, names: str, num_sentences: int = 3, false_premise_fraction=0.0
+    dataset_dir,
+    sam_masks_dir,
+    names: str,
+    num_sentences: int = 3,
+    false_premise_fraction=0.0,
+    multi_target_answer: str = "union",
 ):
     """The :class:`ReferSegSource` of ``--refer_seg_data`` (``"refclef||refcoco||..."``; also
-    ``grefcoco``, whose no-target sentences answer the rejection sentence)."""
+    ``grefcoco``, whose no-target sentences answer the rejection sentence and whose multi-target
+    ones as ``multi_target_answer`` says)."""
+    check_multi_target_answer(multi_target_answer)  # before any file is read
     from utils.data.grefcoco import GREFCOCO, load_grefcoco_split  # it builds on this module
 
     datasets = {}
@@ -398,4 +428,4 @@ def load_refer_train(
                 f"{sorted([*SPLIT_BY, GREFCOCO])}"
             )
         datasets[name] = load_refer_split(dataset_dir, sam_masks_dir, name, "train")
-    return ReferSegSource(datasets, num_sentences, false_premise_fraction)
+    return ReferSegSource(datasets, num_sentences, false_premise_fraction, multi_target_answer)
