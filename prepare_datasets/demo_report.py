@@ -190,6 +190,9 @@ def _free_summary(free_metrics: dict, baselines: list[ProposalBaseline]) -> dict
     summary["per_query_type"] = {
         name: free_metrics.get(f"type:{name}/giou") for name in _group_rows(baselines, "query_type")
     }
+    summary["per_query_length"] = {
+        name: free_metrics.get(f"{name}/giou") for name in _group_rows(baselines, "length")
+    }
     return summary
 
 
@@ -261,7 +264,7 @@ def format_table(report: dict) -> str:
     for name, entry in report["per_query_type"].items():
         lines.append(row(f"  {name}", entry, free and free["per_query_type"].get(name)))
     for name, entry in report["per_query_length"].items():
-        lines.append(row(f"  {name}", entry))
+        lines.append(row(f"  {name}", entry, free and free["per_query_length"].get(name)))
     if "n_acc" in report:
         line = f"N-acc {report['n_acc']:.3f} ({report['num_no_target']} no-target), "
         line += f"T-acc {report['t_acc']:.3f}"

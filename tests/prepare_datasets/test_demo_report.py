@@ -132,6 +132,7 @@ def test_no_target_rows_and_the_free_mode_sit_beside_the_rest():
         "giou": 0.55, "ciou": 0.5, "num_images": 4, "n_acc": 1.0, "t_acc": 0.75,
         "answers": {"no_seg": 0.25, "one_seg": 0.75, "several_seg": 0.0},
         "type:attribute/giou": 0.25, "type:spatial/giou": 1.0, "type:no_target/giou": 1.0,
+        "short/giou": 0.75, "long/giou": 0.125,
     }  # fmt: skip
     report = build_report(metrics, baselines, None, free)
     assert (report["n_acc"], report["t_acc"], report["num_no_target"]) == (0.5, 1.0, 2)
@@ -144,6 +145,8 @@ def test_no_target_rows_and_the_free_mode_sit_beside_the_rest():
     assert "N-acc 0.500 (2 no-target), T-acc 1.000; free: N-acc 1.000, T-acc 0.750" in table
     assert "free answers: no_seg 0.25, one_seg 0.75, several_seg 0.00" in table
     assert table.splitlines()[2].split()[-1] == "0.250"  # attribute's free gIoU
+    assert report["free"]["per_query_length"] == {"long": 0.125, "short": 0.75}
+    assert table.splitlines()[-3].split()[-1] == "0.750"  # short (after long): its free gIoU
     with pytest.raises(ValueError, match="--free_eval_dir and --split do not match"):
         build_report(metrics, baselines, None, dict(free, num_images=3))
     # Without no-target queries or a free evaluation the report keeps its old keys.
