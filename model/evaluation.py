@@ -427,12 +427,18 @@ def evaluate(
         round_metrics.all_reduce(max(int(r) for r in rounds))
         results.update(round_metrics.summary())
         results["history"] = history
-    if is_main_process():
-        write_json_atomic(results, out_dir / f"{prefix}metrics.json")
-        write_rows_csv(all_rows, out_dir / f"{prefix}per_image.csv")
-    barrier()
+    write_results(results, all_rows, out_dir, prefix)
     model.train(was_training)
     return results
+
+
+def write_results(results: dict, rows: list[dict], out_dir: Path, prefix: str = "") -> None:
+    """``<prefix>metrics.json`` and ``<prefix>per_image.csv`` (written by the main process;
+    every rank waits for them)."""
+    if is_main_process():
+        write_json_atomic(results, out_dir / f"{prefix}metrics.json")
+        write_rows_csv(rows, out_dir / f"{prefix}per_image.csv")
+    barrier()
 
 
 def summarize(

@@ -37,10 +37,9 @@ from model.evaluation import (
     score_sample,
     score_unusable,
     summarize,
-    write_rows_csv,
+    write_results,
 )
 from model.generation import generate_answers
-from utils.config import write_json_atomic
 from utils.data.conversation import (
     IGNORE_INDEX,
     EncodedConversation,
@@ -48,7 +47,7 @@ from utils.data.conversation import (
 )
 from utils.data.samples import EncodedSample, SegmentationRecord, collate
 from utils.device import collective_device
-from utils.distributed import barrier, is_main_process, rank, world_size
+from utils.distributed import is_main_process, rank, world_size
 from utils.grefcoco_metrics import GRefCOCOMetrics
 from utils.metrics import MultiRoundMetrics, SegmentationMetrics
 
@@ -306,10 +305,7 @@ def evaluate_free(
         results["rejection"] = model.rejection
         results["num_rejected"] = kinds[0]
     all_rows = gather_rows(rows)
-    if is_main_process():
-        write_json_atomic(results, out_dir / f"{prefix}metrics.json")
-        write_rows_csv(all_rows, out_dir / f"{prefix}per_image.csv")
-    barrier()
+    write_results(results, all_rows, out_dir, prefix)
     model.train(was_training)
     return results
 

@@ -91,7 +91,7 @@ from prepare_datasets.synthetic.scenes import (
     SHAPES,
     ObjectGeometry,
     SceneObject,
-    mask_to_polygons,
+    exact_polygons,
     measure_objects,
     render_image,
     render_masks,
@@ -108,7 +108,6 @@ from prepare_datasets.synthetic.target_sets import (
 )
 from utils.cli import run_cli
 from utils.config import save_config
-from utils.masks import labelme_to_mask
 
 logger = logging.getLogger(__name__)
 
@@ -401,17 +400,6 @@ def generate_sample(
         f"no clear scene with a unique {query_type} query in {MAX_ATTEMPTS} attempts "
         f"(image_size={size}, objects {config.min_objects}-{config.max_objects})"
     )
-
-
-def exact_polygons(visible_mask: np.ndarray) -> list[np.ndarray] | None:
-    """Labelme polygons of ``(H, W)`` bool ``visible_mask``, or ``None`` unless they rasterise
-    (as ReasonSeg readers do) to exactly that mask."""
-    polygons = mask_to_polygons(visible_mask)
-    shapes = [{"label": "target", "points": p.tolist()} for p in polygons]
-    height, width = visible_mask.shape
-    if not np.array_equal(labelme_to_mask(shapes, height, width) == 1, visible_mask):
-        return None
-    return polygons
 
 
 def scene_conversation(

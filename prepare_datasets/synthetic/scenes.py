@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from utils.masks import labelme_to_mask
+
 SHAPES = ("circle", "ring", "square", "triangle", "hexagon", "star", "cross")
 # Saturated colours far from each other and from the muted backgrounds, so every colour name is
 # unambiguous to a reader of the picture. A tuple of pairs keeps the order explicit.
@@ -358,3 +360,14 @@ def scene_is_clear(
             if objects[i].colour == objects[j].colour and (grown & visible_masks[j]).any():
                 return False
     return True
+
+
+def exact_polygons(visible_mask: np.ndarray) -> list[np.ndarray] | None:
+    """Labelme polygons of ``(H, W)`` bool ``visible_mask``, or ``None`` unless they rasterise
+    (as ReasonSeg readers do) to exactly that mask."""
+    polygons = mask_to_polygons(visible_mask)
+    shapes = [{"label": "target", "points": p.tolist()} for p in polygons]
+    height, width = visible_mask.shape
+    if not np.array_equal(labelme_to_mask(shapes, height, width) == 1, visible_mask):
+        return None
+    return polygons

@@ -35,6 +35,7 @@ from prepare_datasets.synthetic.queries import (
     SHAPE_SUBTYPES,
     SHAPE_VISIBLE_FRACTION,
     TEMPLATES,
+    choose_query,
 )
 from prepare_datasets.synthetic.scenes import COLOURS, SHAPES, ObjectGeometry, SceneObject
 
@@ -176,14 +177,6 @@ def target_set_candidates(
     raise ValueError(f"unknown target-set kind {kind!r}; expected one of {KINDS}")
 
 
-def choose_target_set(rng: np.random.Generator, candidates: list[TargetSetQuery]) -> TargetSetQuery:
-    """A subtype uniformly (so the many colour queries do not drown the rest), then a query."""
-    subtypes = sorted({q.subtype for q in candidates})
-    subtype = subtypes[int(rng.integers(len(subtypes)))]
-    matching = [q for q in candidates if q.subtype == subtype]
-    return matching[int(rng.integers(len(matching)))]
-
-
 def phrase_target_set(
     rng: np.random.Generator, query: TargetSetQuery, is_sentence: bool, num_texts: int
 ) -> list[str]:
@@ -244,7 +237,7 @@ def draw_target_set(
     num_texts: int,
 ) -> PhrasedTargetSet:
     """One of ``candidates``, phrased (``is_sentence=None``: short or long at random)."""
-    query = choose_target_set(rng, candidates)
+    query = choose_query(rng, candidates)  # a subtype uniformly, then a query of it
     if is_sentence is None:
         is_sentence = bool(rng.random() < 0.5)
     texts = phrase_target_set(rng, query, is_sentence, num_texts)
