@@ -134,6 +134,11 @@ class EvalConfig(LLMSegConfig, DataConfig):
                 f"free generation scores single-round sets; {self.val_dataset} is multi-round "
                 "(evaluate it teacher-forced): --mode"
             )
+        if self.history != "gt":
+            raise ValueError(
+                "--history chooses the references of multi-round sets, which free generation "
+                f"does not score: --history {self.history} with --mode"
+            )
 
 
 def _reading(config: EvalConfig) -> PredictionReading:

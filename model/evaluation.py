@@ -203,6 +203,9 @@ def rejection_rows(model, sample: EncodedSample, output, encoder) -> tuple[list,
     mode = getattr(model, "rejection", "none")
     if mode == "none":
         return None
+    if encoder is None:
+        raise ValueError(f"a model trained with --rejection {mode} is evaluated through the "
+                         "dataset's sample encoder, and this dataset has none")  # fmt: skip
     probe = encoder.rejection_probe(mode)
     rejected, probabilities = [], []
     for c, conversation in enumerate(sample.conversations):
@@ -489,7 +492,9 @@ def gather_rows(rows: list[dict]) -> list[dict]:
 
 
 def write_rows_csv(rows: list[dict], path: Path) -> None:
-    fields = list(rows[0]) if rows else ["name", "iou"]
+    # Every row's keys, in first-seen order: a record that could not be scored has no
+    # rejection columns, and it may come first.
+    fields = list(dict.fromkeys(key for row in rows for key in row)) if rows else ["name", "iou"]
     write_csv_atomic(sorted(rows, key=lambda row: row["name"]), fields, path)
 
 

@@ -72,7 +72,8 @@ class ExportPreprocessing:
     top_k_proposals: int = 50
     proposal_order: str = "area"
     antialias: bool = True
-    ref_placement: str = "inline"  # SegLLM: where a <ref> stands (exports before it: inline)
+    # SegLLM: where a <ref> stands; "" in exports from before it was recorded (the flag decides)
+    ref_placement: str = ""
 
 
 @dataclass
@@ -95,7 +96,8 @@ class ExportManifest:
             "tokenization", "mask_encoder", "rejection",
         )  # fmt: skip
         fields = {name: getattr(self.model, name) for name in sizes}
-        return {**fields, **dataclasses.asdict(self.preprocessing)}
+        preprocessing = {k: v for k, v in dataclasses.asdict(self.preprocessing).items() if v != ""}
+        return {**fields, **preprocessing}
 
 
 def _from_dict(cls, data: dict, where: str):

@@ -271,6 +271,7 @@ class Segmenter:
             self.tokenizer, turns, self.model.num_image_tokens, self.format,
             self.manifest.architecture.use_im_start_end, None, legacy=self.legacy,
             references=references,
+            ref_placement=self.manifest.preprocessing.ref_placement or "inline",
         )  # fmt: skip
         return encoded.input_ids
 

@@ -37,9 +37,6 @@ from utils.proposal_store import build_proposal_sample
 
 logger = logging.getLogger(__name__)
 
-# transformers 5 renamed ``past_key_values`` to ``cache`` (in arguments and outputs) in a minor
-# release; both spellings are supported so any 5.x works.
-
 
 @dataclass
 class RoundResult:

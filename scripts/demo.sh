@@ -98,7 +98,7 @@ if [[ "$MASK_HEAD" != proposals ]]; then
     MODEL_ARGS+=(--train_sam_encoder)
   fi
 fi
-if [[ "$NO_TARGET" != 0 ]]; then
+if awk "BEGIN { exit !($NO_TARGET > 0) }"; then  # a number, so 0.0 is no no-target data
   MODEL_ARGS+=(--rejection "$REJECTION")
 fi
 stage_done

@@ -82,7 +82,7 @@ stage_done
 DATA_ARGS=(--dataset_dir "$DATASET" --sam_masks_dir "$MASKS" --val_dataset "ReasonSegMR|val"
   --top_k_proposals "$TOP_K" --selection argmax --device cpu)
 FAMILIES=(--dataset multi_round --sample_rates 1)
-if [[ "$SINGLE_ROUND_RATE" != 0 ]]; then
+if awk "BEGIN { exit !($SINGLE_ROUND_RATE > 0) }"; then
   FAMILIES=(--dataset "multi_round||reason_seg" --sample_rates "1,$SINGLE_ROUND_RATE"
     --reason_seg_data "ReasonSeg|train" --num_classes_per_sample "$((EXTRA_QUERIES + 1))")
 fi

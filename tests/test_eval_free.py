@@ -36,6 +36,9 @@ def _run(argv: list[str]):
          "error: --pred_dir scores saved masks, free generation needs a model: --mode"),
         (["--mode", "free", "--max_new_tokens", "0"],
          "error: must be at least 1, got 0: --max_new_tokens"),
+        (["--mode", "free", "--history", "predicted"],
+         "error: --history chooses the references of multi-round sets, which free generation "
+         "does not score: --history predicted with --mode"),
     ],
 )  # fmt: skip
 def test_bad_mode_flags_are_one_line_errors(argv, message, capsys):

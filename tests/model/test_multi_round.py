@@ -19,7 +19,7 @@ from PIL import Image
 from model.builder import build_llm_seg, setup_trainable, tiny_llm_seg_config
 from model.evaluation import SelectionSettings, evaluate
 from model.export import load_exported, save_export
-from model.export_manifest import ExportManifest, describe_model
+from model.export_manifest import ExportManifest, ExportPreprocessing, describe_model
 from tests.utils.data.loader_fixtures import write_store
 from utils.data.builders import build_encoder
 from utils.data.images import masked_crop
@@ -347,7 +347,12 @@ def test_exports_carry_the_multi_round_parts(scene, tiny_checkpoints, tmp_path, 
     assert loaded.tokenizer.convert_tokens_to_ids(REF_TOKEN) == loaded.model.ref_token_id
     assert loaded.manifest.model.mask_encoder == "pooled"
     fields = loaded.manifest.encoder_fields()  # what eval.py --model_dir encodes with
-    assert (fields["mask_encoder"], fields["ref_placement"]) == ("pooled", "inline")
+    assert fields["mask_encoder"] == "pooled"
+    assert "ref_placement" not in fields  # not recorded (as in older exports): the flag decides
+    recorded = dataclasses.replace(
+        loaded.manifest, preprocessing=ExportPreprocessing(ref_placement="turn_start")
+    )
+    assert recorded.encoder_fields()["ref_placement"] == "turn_start"
     got = loaded.model.score(batch)
     for want, have in zip(
         expected.similarities + expected.ref_similarities, got.similarities + got.ref_similarities

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from model.builder import build_llm_seg, setup_trainable, tiny_llm_seg_config
-from model.evaluation import SelectionSettings, evaluate
+from model.evaluation import SelectionSettings, evaluate, write_rows_csv
 from model.export import load_exported, save_export
 from model.export_manifest import ExportManifest, describe_model
 from model.inference import InferenceSettings, Segmenter, StoreProposals
@@ -214,3 +214,12 @@ def test_without_rejection_nothing_changes(scene, tiny_checkpoints, tmp_path):
     assert "num_rejected" not in results
     with open(tmp_path / "per_image.csv") as handle:
         assert "rejected" not in next(csv.DictReader(handle))
+
+
+def test_the_csv_has_every_rows_columns(tmp_path):
+    # A record that could not be scored has no rejection columns, and it may come first.
+    rows = [{"name": "a", "iou": 0.0}, {"name": "b", "iou": 1.0, "rejected": 1}]
+    write_rows_csv(rows, tmp_path / "rows.csv")
+    with open(tmp_path / "rows.csv") as handle:
+        read = list(csv.DictReader(handle))
+    assert [(r["name"], r["rejected"]) for r in read] == [("a", ""), ("b", "1")]

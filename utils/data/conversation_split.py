@@ -90,10 +90,13 @@ def _extra_records(item: ReasonSegItem, split: str) -> list[SegmentationRecord]:
     extra = item.extra.get("extra_conversations", [])
     if not isinstance(extra, list):
         raise DatasetFormatError(f"{where}: 'extra_conversations' must be a list of conversations")
-    return [
-        conversation_record(item, split, rounds, f"{where}: extra_conversations[{index}]")
-        for index, rounds in enumerate(extra)
-    ]
+    records = []
+    for index, rounds in enumerate(extra):
+        here = f"{where}: extra_conversations[{index}]"
+        if not isinstance(rounds, list) or not rounds:  # (None would mean the main one)
+            raise DatasetFormatError(f"{here} must be a non-empty list of rounds")
+        records.append(conversation_record(item, split, rounds, here))
+    return records
 
 
 def load_conversation_split(

@@ -65,3 +65,15 @@ def test_errors_name_the_json(split):
     path.write_text(json.dumps(data))
     with pytest.raises(DatasetFormatError, match="no json holds a 'conversation'"):
         load_conversation_split(dataset_dir, masks_dir, "val")
+
+
+@pytest.mark.parametrize("extra", [[None], [[]], "one", [{"text": "x"}]])
+def test_malformed_extra_conversations_name_the_json(split, extra):
+    dataset_dir, masks_dir, folder = split
+    path = folder / "img_000.json"
+    data = json.loads(path.read_text())
+    data["extra_conversations"] = extra
+    path.write_text(json.dumps(data))
+    assert len(load_conversation_split(dataset_dir, masks_dir, "val")) == 1  # evaluation: unread
+    with pytest.raises(DatasetFormatError, match=r"img_000\.json: '?extra_conversations"):
+        load_conversation_split(dataset_dir, masks_dir, "val", extra_conversations=True)
