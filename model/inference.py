@@ -239,26 +239,23 @@ class Segmenter:
             else None
         )
 
+    def encoded(self, question: str, answer: str | None, max_length: int | None = None):
+        """One turn encoded as training encoded it (:class:`EncodedConversation`)."""
+        return encode_conversation(
+            self.tokenizer, [(question, answer)], self.model.num_image_tokens, self.format,
+            self.manifest.architecture.use_im_start_end, max_length, legacy=self.legacy,
+            label_answer_space=self.model.rejection != "none",
+        )  # fmt: skip
+
     def encode(self, question: str, answer: str | None) -> tuple[torch.Tensor, str]:
         """``(input_ids (L,), rendered text)`` of one turn; ``answer=None`` leaves it open."""
-        encoded = encode_conversation(
-            self.tokenizer,
-            [(question, answer)],
-            self.model.num_image_tokens,
-            self.format,
-            self.manifest.architecture.use_im_start_end,
-            self.manifest.model.model_max_length,
-            legacy=self.legacy,
-        )
+        encoded = self.encoded(question, answer, self.manifest.model.model_max_length)
         return encoded.input_ids, encoded.text
 
     def open_prompt(self, question: str) -> tuple[torch.Tensor, str]:
         """``(input_ids (L,), rendered text)`` of ``question`` with the answer left open where
         training starts the answer's labels (:func:`~utils.data.conversation.answer_start`)."""
-        encoded = encode_conversation(
-            self.tokenizer, [(question, VALIDATION_ANSWER)], self.model.num_image_tokens,
-            self.format, self.manifest.architecture.use_im_start_end, None, legacy=self.legacy,
-        )  # fmt: skip
+        encoded = self.encoded(question, VALIDATION_ANSWER)
         _, text = self.encode(question, None)
         return encoded.input_ids[: answer_start(encoded)], text
 
@@ -300,7 +297,7 @@ class Segmenter:
         if self.model.rejection == "none":
             return None
         probe = rejection_probe(
-            lambda answer: self.encode(question, answer)[0].tolist(),
+            lambda answer: self.encoded(question, answer),
             self.model.rejection,
             self.model.seg_token_id,
         )

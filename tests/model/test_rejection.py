@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,9 +17,11 @@ from model.builder import build_llm_seg, setup_trainable, tiny_llm_seg_config
 from model.evaluation import SelectionSettings, evaluate, write_rows_csv
 from model.export import load_exported, save_export
 from model.export_manifest import ExportManifest, describe_model
+from model.free_evaluation import evaluate_free
 from model.inference import InferenceSettings, Segmenter, StoreProposals
 from tests.model.test_multi_round import OBJECTS, _settings, _train, write_scene
 from utils.data.builders import build_encoder
+from utils.data.conversation import ANSWER_TEMPLATES
 from utils.data.mixing import EvaluationDataset
 from utils.data.rejection import (
     REJ_TOKEN,
@@ -28,6 +31,7 @@ from utils.data.rejection import (
     rejection_answer,
     rejection_decisions,
     rejection_probe,
+    token_rejection_answer,
 )
 from utils.data.samples import SegmentationRecord, collate
 from utils.proposal_store import ProposalReader
@@ -83,17 +87,36 @@ def test_decision_reads_the_position_before_the_answers_part():
     assert rejected.tolist() == [True, False]
 
 
+def _encoded(ids: list[int], answer_from: int) -> SimpleNamespace:
+    """An encoded conversation whose labels start at ``answer_from``."""
+    labels = [-100] * answer_from + ids[answer_from:]
+    return SimpleNamespace(input_ids=torch.tensor(ids), labels=torch.tensor(labels))
+
+
 def test_probe_finds_where_the_answers_part():
     seg = 9
-    answers = {"[SEG].": [1, 2, 3, 4, seg, 5], REJECTION_SENTENCE: [1, 2, 3, 4, 6, 7, 5]}
+    answers = {"[SEG].": _encoded([1, 2, 3, 4, seg, 5], 4),
+               REJECTION_SENTENCE: _encoded([1, 2, 3, 4, 6, 7, 5], 4)}  # fmt: skip
     assert rejection_probe(answers.get, "answer", seg) == RejectionProbe(6, 0)
-    answers = {"[SEG].": [1, 2, 3, 8, seg, 5], REJECTION_SENTENCE: [1, 2, 3, 6, 7, 5]}
+    # The answers part one token before [SEG] (a space token that only [SEG]. has).
+    answers = {"[SEG].": _encoded([1, 2, 3, 8, seg, 5], 3),
+               REJECTION_SENTENCE: _encoded([1, 2, 3, 6, 7, 5], 3)}  # fmt: skip
     assert rejection_probe(answers.get, "answer", seg) == RejectionProbe(6, 1)
-    answers = {"[SEG].": [1, 2, seg, 5], "[REJ].": [1, 2, 11, 5]}
+    answers = {"[SEG].": _encoded([1, 2, seg, 5], 2), "[REJ].": _encoded([1, 2, 11, 5], 2)}
     assert rejection_probe(answers.get, "token", seg) == RejectionProbe(11, 0)
-    answers = {"[SEG].": [1, 2, seg, 5], "[REJ].": [1, 2, seg, 5, 3]}
+    # Parting where training teaches nothing (an unlabelled token) cannot be read.
+    answers = {"[SEG].": _encoded([1, 2, seg, 5], 3), "[REJ].": _encoded([1, 2, 11, 5], 3)}
+    with pytest.raises(ValueError, match="at a trained token"):
+        rejection_probe(answers.get, "token", seg)
+    answers = {"[SEG].": _encoded([1, 2, seg, 5], 2), "[REJ].": _encoded([1, 2, seg, 5, 3], 2)}
     with pytest.raises(ValueError, match="cannot be told from"):
         rejection_probe(answers.get, "token", seg)
+
+
+def test_token_answers_follow_the_templates():
+    answers = {token_rejection_answer(f"<image>\nSegment the thing number {i}.") for i in range(60)}
+    assert answers == {t.replace("[SEG]", "[REJ]") for t in ANSWER_TEMPLATES}
+    assert token_rejection_answer("q") == token_rejection_answer("q")  # deterministic
 
 
 @pytest.mark.parametrize("mode", ["none", "answer", "token"])
@@ -130,14 +153,17 @@ def test_training_answers_carry_the_rejection_and_no_mask(scene, tiny_checkpoint
     assert conversation.num_seg == 0
     assert sample.masks.shape[0] == 0
     answer = tokenizer.decode(conversation.labels[conversation.labels >= 0])
-    expected = "[REJ]." if mode == "token" else REJECTION_SENTENCE
-    assert expected in answer.replace(" .", ".")
+    expected = token_rejection_answer(ABSENT) if mode == "token" else REJECTION_SENTENCE
+    assert expected.replace(" ", "") in answer.replace(" ", "")
+    # The whole answer is labelled, the space before an added [REJ] included.
+    start = int((conversation.labels >= 0).nonzero()[0])
+    assert tokenizer.decode(conversation.input_ids[start - 1 : start]).strip().endswith(":")
     probe = encoder.rejection_probe(mode)
     assert probe.token_id in conversation.labels.tolist()
 
 
-# The sentence's first token is one of many it trains, so it needs more steps than [REJ].
-@pytest.mark.parametrize(("mode", "steps"), [("token", 60), ("answer", 120)])
+# Enough steps for the LM to tell the two questions apart at the answer's first choice.
+@pytest.mark.parametrize(("mode", "steps"), [("token", 150), ("answer", 150)])
 def test_a_rejection_trained_model_rejects_the_absent_and_segments_the_present(
     scene, tiny_checkpoints, tmp_path, mode, steps
 ):
@@ -148,7 +174,13 @@ def test_a_rejection_trained_model_rejects_the_absent_and_segments_the_present(
     setup_trainable(model, config)
     encoder = build_encoder(_settings(config), tokenizer, model.num_image_tokens)
     encoder.settings.rejection = mode
-    training = [record(scene, PRESENT, "[SEG].", "red"), record(scene, ABSENT, REJECTION_SENTENCE)]
+    # Every template, as training data answers over many queries: the present object with
+    # [SEG], the absent one (token mode) with [REJ] in the same place.
+    training = [record(scene, PRESENT, answer, "red") for answer in ANSWER_TEMPLATES]
+    if mode == "token":
+        training += [record(scene, ABSENT, a.replace("[SEG]", "[REJ]")) for a in ANSWER_TEMPLATES]
+    else:
+        training.append(record(scene, ABSENT, REJECTION_SENTENCE))
     batch = collate([encoder(r) for r in training], tokenizer.pad_token_id)[0]
     _train(model, batch, steps=steps, lr=1e-2)
 
@@ -166,6 +198,17 @@ def test_a_rejection_trained_model_rejects_the_absent_and_segments_the_present(
     assert results["n_acc"] == 1.0
     assert results["t_acc"] == 1.0
     assert results["grefcoco"]["giou"] == pytest.approx(1.0)  # rejection 1, red box exactly
+    # Free generation: the model writes its own answers, rejecting the absent object.
+    free = evaluate_free(
+        model, EvaluationDataset(records, encoder), tokenizer, SelectionSettings("argmax"),
+        torch.device("cpu"), torch.float32, tmp_path / "free",
+    )  # fmt: skip
+    assert (free["n_acc"], free["t_acc"], free["num_rejected"]) == (1.0, 1.0, 1)
+    assert free["grefcoco"]["giou"] == pytest.approx(1.0)
+    with open(tmp_path / "free" / "per_image.csv") as handle:
+        answers = {row["name"]: row["answer"] for row in csv.DictReader(handle)}
+    assert "[SEG]" in answers["red"]
+    assert "[SEG]" not in answers["absent"]
     with open(tmp_path / "per_image.csv") as handle:
         rows = {row["name"]: row for row in csv.DictReader(handle)}
     assert rows["absent"]["rejected"] == "1"

@@ -164,6 +164,7 @@ def encode_conversation(
     legacy: LegacyLlamaTokenizer | None = None,
     references: str = "tokens",
     ref_placement: str = "inline",
+    label_answer_space: bool = False,
 ) -> EncodedConversation:
     """Tokenise a conversation about one image, labelling only the answers.
 
@@ -181,12 +182,17 @@ def encode_conversation(
             "instance k" stay: a single-round model, or SegLLM without history).
         ref_placement: ``inline`` (``<ref>`` where the marker stands) or ``turn_start``
             (SegLLM's place, before the question's text).
+        label_answer_space: also label a lone whitespace token an answer starts with (``hf``
+            tokenization puts one before an added token such as ``[SEG]`` or ``[REJ]``: without
+            a label the model never learns to write it, so free generation cannot begin such
+            an answer). Models trained with ``--rejection`` use it; the default keeps the
+            labels every earlier run trained with.
     Raises:
         ValueError: a marker names no earlier round, or ``<ref>`` is missing from the vocabulary.
     """
     turns, ref_rounds = _resolve_references(tokenizer, turns, references, ref_placement)
     encoded = _encode_turns(tokenizer, turns, num_image_tokens, fmt, use_im_start_end, max_length,
-                            legacy)  # fmt: skip
+                            legacy, label_answer_space)  # fmt: skip
     encoded.ref_rounds = ref_rounds
     encoded.seg_turns = tuple(
         index
@@ -231,8 +237,9 @@ def _resolve_references(tokenizer, turns, references: str, placement: str):
 
 
 def _encode_turns(
-    tokenizer, turns, num_image_tokens, fmt, use_im_start_end, max_length, legacy
-) -> EncodedConversation:
+    tokenizer, turns, num_image_tokens, fmt, use_im_start_end, max_length, legacy,
+    label_answer_space=False,
+) -> EncodedConversation:  # fmt: skip
     text, spans = render(turns, fmt)
     if text.count(IMAGE_TOKEN) != 1:
         raise ValueError(f"a conversation needs exactly one {IMAGE_TOKEN}, got: {text!r}")
@@ -249,9 +256,15 @@ def _encode_turns(
     encoded = tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=True)
     input_ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
-    for i, (start, end) in enumerate(encoded["offset_mapping"]):
+    offsets = encoded["offset_mapping"]
+    for i, (start, end) in enumerate(offsets):
         if end > start and any(start < a_end and end > a_start for a_start, a_end in spans):
             labels[i] = input_ids[i]
+    if label_answer_space:  # the space token just before an answer's first character
+        starts = {a_start for a_start, _ in spans}
+        for i, (start, end) in enumerate(offsets):
+            if end in starts and end > start and not expanded[start:end].strip():
+                labels[i] = input_ids[i]
     return _finish(tokenizer, input_ids, labels, text, len(turns), max_length)
 
 

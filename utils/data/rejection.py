@@ -9,13 +9,15 @@ mode        a no-target round's answer
 ==========  ===============================================================================
 ``none``    (default) none: every round answers ``[SEG]``, as LISA and LLM-Seg
 ``answer``  the sentence :data:`REJECTION_SENTENCE`, trained by the LM loss (SESAME/READ)
-``token``   ``[REJ].``: a token of its own, added to the tokenizer (GSVA)
+``token``   an answer template with ``[REJ]`` for ``[SEG]`` ("It is [REJ]."): a token of its
+            own, added to the tokenizer (GSVA)
 ==========  ===============================================================================
 
 Data convention, the same for every dataset family:
 
 - training records write a no-target round's answer as :data:`REJECTION_SENTENCE`, with no
-  ``[SEG]`` and so no mask row; the sample encoder rewrites it to ``[REJ].`` in ``token`` mode;
+  ``[SEG]`` and so no mask row; the sample encoder rewrites it in ``token`` mode
+  (:func:`token_rejection_answer`);
 - evaluation records answer every round with the validation answer ``[SEG].`` and give a
   no-target round an all-zero mask row and ``no_target[row] = True``; the model's decision is
   read where that ``[SEG]`` stands (:func:`rejection_probe`, :func:`rejection_decisions`) or,
@@ -24,12 +26,14 @@ Data convention, the same for every dataset family:
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from utils.data.conversation import VALIDATION_ANSWER
+from utils.data.conversation import ANSWER_TEMPLATES, VALIDATION_ANSWER
+from utils.tokenizer import SEG_TOKEN
 
 REJ_TOKEN = "[REJ]"
 REJECTION_MODES = ("none", "answer", "token")
@@ -42,6 +46,14 @@ def check_rejection_mode(mode: str) -> str:
     if mode not in REJECTION_MODES:
         raise ValueError(f"--rejection must be one of {', '.join(REJECTION_MODES)}, got {mode!r}")
     return mode
+
+
+def token_rejection_answer(question: str) -> str:
+    """The ``token`` mode's answer to a no-target ``question``: one of the answer templates with
+    ``[REJ]`` where ``[SEG]`` stands, chosen by the question's text (deterministic), so target
+    and no-target answers begin alike and the choice is made at the ``[SEG]``/``[REJ]`` slot."""
+    template = ANSWER_TEMPLATES[zlib.crc32(question.encode("utf-8")) % len(ANSWER_TEMPLATES)]
+    return template.replace(SEG_TOKEN, REJ_TOKEN)
 
 
 def rejection_answer(mode: str) -> str:
@@ -69,27 +81,31 @@ class RejectionProbe:
 
 
 def rejection_probe(
-    encode: Callable[[str], list[int]], mode: str, seg_token_id: int
+    encode: Callable[[str], object], mode: str, seg_token_id: int
 ) -> RejectionProbe:
     """The :class:`RejectionProbe` of a tokenization.
 
     Args:
-        encode: the input ids of one fixed question followed by a given answer, encoded exactly
-            as evaluation encodes (the sample encoder: it writes ``[REJ].`` in ``token`` mode).
+        encode: the encoded conversation (``input_ids`` and ``labels``) of one fixed question
+            followed by a given answer, encoded exactly as evaluation encodes.
         mode: ``answer`` or ``token``.
         seg_token_id: id of ``[SEG]``.
+    Raises:
+        ValueError: the answers part before ``[SEG]``, or at a token training never labels
+            (the model was never taught to choose there).
     """
-    accepted = list(encode(VALIDATION_ANSWER))
-    rejecting = list(encode(REJECTION_SENTENCE if mode == "answer" else REJECTION_TOKEN_ANSWER))
+    accepted = encode(VALIDATION_ANSWER).input_ids.tolist()
+    rejecting = encode(rejection_answer(mode) if mode == "answer" else REJECTION_TOKEN_ANSWER)
+    rejecting_ids, rejecting_labels = rejecting.input_ids.tolist(), rejecting.labels.tolist()
     seg = accepted.index(seg_token_id)
     diverge = next(
-        (i for i, (a, b) in enumerate(zip(accepted, rejecting)) if a != b),
-        min(len(accepted), len(rejecting)),
+        (i for i, (a, b) in enumerate(zip(accepted, rejecting_ids)) if a != b),
+        min(len(accepted), len(rejecting_ids)),
     )
-    if diverge > seg or diverge >= len(rejecting):
-        raise ValueError(f"the rejection answer cannot be told from {VALIDATION_ANSWER!r} before "
-                         "its [SEG] in this tokenization")  # fmt: skip
-    return RejectionProbe(token_id=rejecting[diverge], offset=seg - diverge)
+    if diverge > seg or diverge >= len(rejecting_ids) or rejecting_labels[diverge] < 0:
+        raise ValueError(f"the rejection answer cannot be told from {VALIDATION_ANSWER!r} at a "
+                         "trained token before its [SEG] in this tokenization")  # fmt: skip
+    return RejectionProbe(token_id=rejecting_ids[diverge], offset=seg - diverge)
 
 
 def rejection_decisions(

@@ -36,9 +36,9 @@ from utils.data.images import (
 )
 from utils.data.rejection import (
     REJECTION_SENTENCE,
-    REJECTION_TOKEN_ANSWER,
     RejectionProbe,
     rejection_probe,
+    token_rejection_answer,
 )
 from utils.legacy_tokenizer import LegacyLlamaTokenizer
 from utils.masks import proposal_weight_maps
@@ -174,7 +174,7 @@ class SampleEncoder:
         if mode not in self._probes:
             question = VALIDATION_SHORT_QUESTION.format(class_name="it")
             self._probes[mode] = rejection_probe(
-                lambda answer: self._encode([(question, answer)]).input_ids.tolist(),
+                lambda answer: self._encode([(question, answer)]),
                 mode,
                 self.tokenizer.convert_tokens_to_ids(SEG_TOKEN),
             )
@@ -183,7 +183,10 @@ class SampleEncoder:
     def _encode(self, turns: Turns) -> EncodedConversation:
         if self.settings.rejection == "token":
             turns = [
-                (question, REJECTION_TOKEN_ANSWER if answer == REJECTION_SENTENCE else answer)
+                (
+                    question,
+                    token_rejection_answer(question) if answer == REJECTION_SENTENCE else answer,
+                )
                 for question, answer in turns
             ]
         return encode_conversation(
@@ -196,6 +199,7 @@ class SampleEncoder:
             legacy=self.legacy,
             references=self.references,
             ref_placement=self.settings.ref_placement,
+            label_answer_space=self.settings.rejection != "none",
         )
 
     def encode_text_dialogue(self, turns: Turns) -> EncodedConversation:
