@@ -23,7 +23,8 @@ from utils.checkpoint import CheckpointError
 from utils.tokenizer import IMAGE_START_TOKEN
 
 EXPORT_FORMAT = "llm-seg-export"
-EXPORT_FORMAT_VERSION = 1
+# 2: the model's rejection mode and the data's ref_placement (version 1 reads as none / the flag)
+EXPORT_FORMAT_VERSION = 2
 MANIFEST = "export_config.json"
 CONVERSION_REPORT = "conversion_report.json"  # written by the converters of upstream checkpoints
 LLM_DIR = "llm"

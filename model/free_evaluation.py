@@ -6,8 +6,8 @@ answers greedily, several queries per forward with a KV cache, up to ``max_new_t
 ``</s>`` (:mod:`model.generation`, shared with ``chat.py``). Prompt + written answer are then
 scored in one teacher-forced pass, as chat's free mode (:mod:`model.inference`) does, so a
 written ``[SEG]`` is scored exactly as a given one. A query's mask is the union of the masks of
-every ``[SEG]`` its answer holds; an answer without ``[SEG]`` rejects (the rule of
-:func:`~utils.data.rejection.answer_rejects`, read from the ids): an empty mask, which gRefCOCO's
+every ``[SEG]`` its answer holds; an answer without ``[SEG]`` rejects (as
+:mod:`utils.data.rejection` defines it, read from the ids): an empty mask, which gRefCOCO's
 N-acc counts as a right rejection on a no-target query and T-acc as a wrong one otherwise.
 
 Metrics and files are the teacher-forced ones (:func:`model.evaluation.evaluate`: gIoU, cIoU,

@@ -21,7 +21,7 @@ Data convention, the same for every dataset family:
 - evaluation records answer every round with the validation answer ``[SEG].`` and give a
   no-target round an all-zero mask row and ``no_target[row] = True``; the model's decision is
   read where that ``[SEG]`` stands (:func:`rejection_probe`, :func:`rejection_decisions`) or,
-  in free generation, from the answer it writes (:func:`answer_rejects`).
+  in free generation, from the answer it writes (no ``[SEG]``: a rejection).
 """
 
 from __future__ import annotations
@@ -62,12 +62,6 @@ def rejection_answer(mode: str) -> str:
         raise ValueError("--rejection none has no rejection answer: no-target data needs "
                          "--rejection answer or token")  # fmt: skip
     return REJECTION_SENTENCE if mode == "answer" else REJECTION_TOKEN_ANSWER
-
-
-def answer_rejects(answer: str, seg_token: str = "[SEG]") -> bool:
-    """Whether a written answer rejects: it holds no ``[SEG]`` (a ``[REJ]``, the rejection
-    sentence, or anything else without a mask)."""
-    return seg_token not in answer
 
 
 @dataclass(frozen=True)
