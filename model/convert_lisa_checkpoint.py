@@ -46,7 +46,7 @@ from model.backbones.llava import LlavaBackbone, build_projector
 from model.backbones.llava_checkpoint import read_llava_config
 from model.backbones.sam import build_sam, infer_sam_architecture, save_sam
 from model.builder import LLMSegConfig
-from model.convert_llmseg_checkpoint import MappedCheckpoint, _compare, _language_model
+from model.convert_llmseg_checkpoint import MappedCheckpoint, _compare, _language_model, sort_keys
 from model.export import check_export_target, load_vision_tower, save_export
 from model.export_manifest import ExportManifest, ExportPreprocessing, describe_model
 from model.heads.sam_decoder import SamMaskHead
@@ -81,18 +81,7 @@ KEY_RULES = [(re.compile(pattern), category, target) for pattern, category, targ
 
 def map_lisa_keys(state: dict[str, torch.Tensor]) -> MappedCheckpoint:
     """Sort a LISA state dict by :data:`KEY_RULES` (first match wins)."""
-    mapped = MappedCheckpoint()
-    for key, value in state.items():
-        for pattern, category, target in KEY_RULES:
-            if pattern.match(key):
-                if target is None:
-                    mapped.dropped[category] = mapped.dropped.get(category, 0) + 1
-                else:
-                    mapped.parts.setdefault(category, {})[pattern.sub(target, key)] = value
-                break
-        else:
-            mapped.unmapped.append(key)
-    return mapped
+    return sort_keys(state, KEY_RULES)
 
 
 def _vocabulary(llm: dict, tokenizer) -> list[str]:

@@ -151,12 +151,14 @@ def strip_prefix(key: str) -> str:
     return key
 
 
-def map_upstream_keys(state: dict[str, torch.Tensor]) -> MappedCheckpoint:
-    """Sort an upstream ``module`` state dict by :data:`KEY_RULES` (first match wins)."""
+def sort_keys(state: dict[str, torch.Tensor], rules, rename=lambda key: key) -> MappedCheckpoint:
+    """Sort a state dict by ``(pattern, category, target)`` rules, first match wins: a match
+    with a target goes to ``parts[category]`` renamed by ``pattern.sub``, one without is
+    counted as dropped, no match is listed as unmapped. ``rename`` is applied before matching."""
     mapped = MappedCheckpoint()
     for key, value in state.items():
-        name = strip_prefix(key)
-        for pattern, category, target in KEY_RULES:
+        name = rename(key)
+        for pattern, category, target in rules:
             if pattern.match(name):
                 if target is None:
                     mapped.dropped[category] = mapped.dropped.get(category, 0) + 1
@@ -166,6 +168,11 @@ def map_upstream_keys(state: dict[str, torch.Tensor]) -> MappedCheckpoint:
         else:
             mapped.unmapped.append(key)
     return mapped
+
+
+def map_upstream_keys(state: dict[str, torch.Tensor]) -> MappedCheckpoint:
+    """Sort an upstream ``module`` state dict by :data:`KEY_RULES` (first match wins)."""
+    return sort_keys(state, KEY_RULES, strip_prefix)
 
 
 def merge_lora(llm: dict, lora: dict, alpha: float) -> list[str]:

@@ -28,6 +28,7 @@ from prepare_datasets.synthetic.queries import (
     Query,
     candidate_queries,
     choose_query,
+    parse_templates,
     phrase_query,
 )
 from prepare_datasets.synthetic.relations import RelationOption, SceneLayout, relation_options
@@ -104,16 +105,7 @@ smaller | L | Going down in size from {ref}, which {what} that is smaller than i
 """
 
 
-def _parse_templates(table: str) -> dict[tuple[str, bool], tuple[str, ...]]:
-    """``(relation, is_sentence) -> phrasings`` from :data:`_TEMPLATE_TABLE`, in table order."""
-    templates: dict[tuple[str, bool], list[str]] = {}
-    for line in table.strip().splitlines():
-        relation, form, text = (part.strip() for part in line.split("|"))
-        templates.setdefault((relation, form == "L"), []).append(text)
-    return {key: tuple(texts) for key, texts in templates.items()}
-
-
-TEMPLATES = _parse_templates(_TEMPLATE_TABLE)
+TEMPLATES = parse_templates(_TEMPLATE_TABLE)
 
 
 @dataclass

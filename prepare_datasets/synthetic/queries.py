@@ -223,8 +223,9 @@ right_of | L | Look at the {ref}; which object is next to it on its right?
 """
 
 
-def _parse_templates(table: str) -> dict[tuple[str, bool], tuple[str, ...]]:
-    """``(subtype, is_sentence) -> phrasings`` from :data:`_TEMPLATE_TABLE`, in table order."""
+def parse_templates(table: str) -> dict[tuple[str, bool], tuple[str, ...]]:
+    """``(key, is_sentence) -> phrasings`` of a ``"key | S or L | text"`` table, in table order
+    (the query, relation and target-set tables all use it)."""
     templates: dict[tuple[str, bool], list[str]] = {}
     for line in table.strip().splitlines():
         subtype, form, text = (part.strip() for part in line.split("|"))
@@ -232,7 +233,7 @@ def _parse_templates(table: str) -> dict[tuple[str, bool], tuple[str, ...]]:
     return {key: tuple(texts) for key, texts in templates.items()}
 
 
-TEMPLATES = _parse_templates(_TEMPLATE_TABLE)
+TEMPLATES = parse_templates(_TEMPLATE_TABLE)
 
 SUBTYPES = {
     "attribute": ("colour",),

@@ -36,6 +36,7 @@ from prepare_datasets.synthetic.queries import (
     SHAPE_VISIBLE_FRACTION,
     TEMPLATES,
     choose_query,
+    parse_templates,
 )
 from prepare_datasets.synthetic.scenes import COLOURS, SHAPES, ObjectGeometry, SceneObject
 
@@ -79,15 +80,7 @@ all_shape | L | There is more than one {shape} here; please show me all of them.
 """
 
 
-def _parse_templates(table: str) -> dict[tuple[str, bool], tuple[str, ...]]:
-    templates: dict[tuple[str, bool], list[str]] = {}
-    for line in table.strip().splitlines():
-        subtype, form, text = (part.strip() for part in line.split("|"))
-        templates.setdefault((subtype, form == "L"), []).append(text)
-    return {key: tuple(texts) for key, texts in templates.items()}
-
-
-SET_TEMPLATES = {**TEMPLATES, **_parse_templates(_TEMPLATE_TABLE)}
+SET_TEMPLATES = {**TEMPLATES, **parse_templates(_TEMPLATE_TABLE)}
 # A multi-target query's subtype in the json is "colour"/"shape"; its phrasings are these.
 _MULTI_TEMPLATE_KEYS = {"colour": "all_colour", "shape": "all_shape"}
 
