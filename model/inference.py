@@ -26,7 +26,7 @@ import torch
 
 from model.evaluation import HEAD_MASKS, combine_heads
 from model.generation import generate_answers
-from model.heads.selection import SELECTION_STRATEGIES
+from model.heads.selection import SELECTION_STRATEGIES, select_mask
 from utils.batch import LLMSegBatch
 from utils.data.conversation import (
     VALIDATION_ANSWER,
@@ -218,6 +218,7 @@ class Segmenter:
         self.manifest = exported.manifest
         self.proposals, self.settings = proposals, settings
         self.logits_processor = logits_processor
+        self._probe = None  # the rejection probe, worked out on first use
         self.format = conversation_format(self.manifest.preprocessing.conv_type)
         tower = self.model.backbone.vision_tower.config
         self.clip_processor = clip_image_processor(
@@ -289,21 +290,27 @@ class Segmenter:
             return prompt.replace(IMAGE_TOKEN, IMAGE_START_TOKEN + IMAGE_TOKEN + IMAGE_END_TOKEN)
         return prompt
 
-    @torch.no_grad()
-    def _rejection(self, question: str, input_ids: torch.Tensor, batch) -> float | None:
+    def _rejection(self, input_ids: torch.Tensor, logits: torch.Tensor) -> float | None:
         """For a model trained with ``--rejection``, teacher-forced: the probability with which
         it would rather reject (:func:`~utils.data.rejection.rejection_decisions`) when that is
-        its choice, else ``None``."""
+        its choice, else ``None``.
+
+        Args:
+            input_ids: ``(L,)`` the scored sequence; logits: ``(L, vocab)`` of it.
+        """
         if self.model.rejection == "none":
             return None
-        probe = rejection_probe(
-            lambda answer: self.encoded(question, answer),
-            self.model.rejection,
-            self.model.seg_token_id,
-        )
-        logits = self.model.score(batch.to(self.device, self.dtype)).logits[0]
+        if self._probe is None:  # where the answers part does not depend on the question
+            question = VALIDATION_SHORT_QUESTION.format(class_name="it")
+            self._probe = rejection_probe(
+                lambda answer: self.encoded(question, answer),
+                self.model.rejection,
+                self.model.seg_token_id,
+            )
         positions = (input_ids == self.model.seg_token_id).nonzero().squeeze(1)
-        rejected, probability = rejection_decisions(logits, positions.to(logits.device), probe)
+        rejected, probability = rejection_decisions(
+            logits, positions.to(logits.device), self._probe
+        )
         return float(probability.max()) if bool(rejected.any()) else None
 
     @torch.no_grad()
@@ -356,19 +363,19 @@ class Segmenter:
             **self._sam_inputs(image),
         )
         height, width = image.shape[:2]
+        output = self.model.score(batch.to(self.device, self.dtype))  # one pass for all below
         if self.head == "proposals":
-            results = self.model.predict_masks(
-                batch.to(self.device, self.dtype), [sample.masks], settings.strategy,
-                settings.threshold, settings.top_k, output_sizes=[(height, width)],
-            )[0]  # fmt: skip
-            rounds = [_round(result, sample) for result in results]
+            rounds = [
+                _round(select_mask(sim, prob, sample.masks, settings.strategy, settings.threshold,
+                                   settings.top_k, (height, width)), sample)
+                for sim, prob in zip(output.similarities[0], output.iop_scores[0])
+            ]  # fmt: skip
         else:
-            logits = self.model.score(batch.to(self.device, self.dtype)).sam_logits[0]
-            masks = [(mask > 0).cpu() for mask in logits]
+            masks = [(mask > 0).cpu() for mask in output.sam_logits[0]]
             if self.head == "combined":
                 masks = [combine_heads(mask, sample.masks) for mask in masks]
             rounds = [SegmentationRound(mask=m.numpy().astype(bool), proposals=[]) for m in masks]
-        rejected = self._rejection(question, input_ids, batch) if settings.mode != "free" else None
+        rejected = self._rejection(input_ids, output.logits[0]) if settings.mode != "free" else None
         if rejected is not None:  # the scores stay in the JSON; nothing is selected
             rounds = [
                 SegmentationRound(
