@@ -15,6 +15,7 @@ from prepare_datasets.demo_report import (
     format_table,
     main,
     parse_stage_seconds,
+    proposal_baselines,
     proposal_ious,
 )
 from tests.data_fixtures import write_reason_seg
@@ -153,3 +154,17 @@ def test_no_target_rows_and_the_free_mode_sit_beside_the_rest():
     plain = build_report(_eval_metrics(), _baselines())
     assert not {"n_acc", "free", "num_rejected"} & set(plain)
     assert "free" not in format_table(plain)
+
+
+def test_a_no_target_query_has_chance_0_and_oracle_1(tmp_path):
+    # Its right answer, nothing, is a rejection: no proposal reaches it, rejecting does.
+    dataset_dir, masks_dir = write_reason_seg(tmp_path / "data", "val", 2, seed=1)
+    path = dataset_dir / "reason_seg" / "ReasonSeg" / "val" / "img_001.json"
+    data = json.loads(path.read_text())
+    data.update(shapes=[], no_target=True, query_type="no_target")
+    path.write_text(json.dumps(data))
+    baselines = {b.name: b for b in proposal_baselines(str(dataset_dir), str(masks_dir), "val")}
+    assert (baselines["img_001"].chance_iou, baselines["img_001"].oracle_iou) == (0.0, 1.0)
+    assert baselines["img_001"].query_type == "no_target"
+    assert baselines["img_000"].oracle_iou == pytest.approx(1.0)  # the target query as before
+    assert baselines["img_000"].chance_iou > 0
