@@ -122,7 +122,9 @@ class TrainConfig(LLMSegConfig, DataConfig):
     init_weights: str = field(
         default="",
         metadata={"help": "start from the trainable weights of this run / ckpt_model / tag "
-                  "(its best save), with a fresh optimizer, schedule and step (fine-tuning)"},
+                  "(its best save), with a fresh optimizer, schedule and step (fine-tuning); a "
+                  "single-round run can start a multi-round model (--mask_encoder), whose new "
+                  "parts keep their initialisation"},
     )  # fmt: skip
     stop_at_step: int = field(
         default=0,
@@ -262,7 +264,7 @@ def main(config: TrainConfig) -> dict:
         zero_stage=config.zero_stage,
     )  # fmt: skip
     if config.init_weights:  # a resume below overrides these with the run's own weights
-        load_trainable_weights(model, config.init_weights)
+        load_trainable_weights(model, config.init_weights, added=model.added_parts())
     engine, _, scheduler = initialize_engine(model, settings, device)
     ckpt_dir = log_dir / CHECKPOINT_DIR
     state = None

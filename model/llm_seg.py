@@ -47,6 +47,7 @@ from model.heads.sam_decoder import SamMaskHead
 from model.heads.selection import SelectionResult, select_mask
 from model.mask_encoder import PooledMaskEncoder
 from utils.batch import LLMSegBatch
+from utils.run_checkpoints import AddedParts
 
 MASK_HEADS = ("proposals", "sam", "both")
 
@@ -200,6 +201,18 @@ class LLMSegModel(nn.Module):
     @property
     def gradient_checkpointing(self) -> bool:
         return self.backbone.language_model.is_activation_checkpointing
+
+    def added_parts(self) -> AddedParts:
+        """What this model adds to a single-round LLM-Seg run it may start from
+        (``training.py --init_weights``): SegLLM's mask encoder, relation embedding and SAM
+        prompt split, and the ``<ref>`` token's rows when it is the last token (with
+        ``--rejection token`` it is not: ``[REJ]`` comes after it, and the saved rows would not
+        line up)."""
+        if self.mask_encoder is None:
+            return AddedParts()
+        prefixes = ("mask_encoder.", "proposal_scorer.relation_embedding.", "sam_prompt_groups.")
+        rows = self.backbone.language_model.get_input_embeddings().weight.shape[0]
+        return AddedParts(prefixes=prefixes, token_rows=int(self.ref_token_id == rows - 1))
 
     def train(self, mode: bool = True) -> LLMSegModel:
         # The frozen vision encoders never leave eval mode.

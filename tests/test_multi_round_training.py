@@ -13,6 +13,7 @@ import eval as eval_script
 import training
 from model.builder import tiny_llm_seg_config
 from tests.utils.data.loader_fixtures import write_store
+from utils.checkpoint import CheckpointError
 from tests.utils.data.test_mrseg import (
     EXPECTED,
     IMG1,
@@ -98,3 +99,66 @@ def test_train_multi_round_and_evaluate_per_round(tiny_checkpoints, mrseg_data, 
     # Round 1 never reads history: identical in every mode.
     assert results["predicted"]["per_round"][0] == results["gt"]["per_round"][0]
     assert results["none"]["history"] == "none"
+
+
+def test_a_single_round_run_starts_a_multi_round_model(
+    tiny_checkpoints, mrseg_data, tmp_path, monkeypatch
+):
+    """SegLLM fine-tuned from LLM-Seg weights (--init_weights): every saved weight is loaded,
+    the new parts keep their initialisation, and the <ref> row is added after the saved rows."""
+    common = dict(
+        dataset="multi_round", sample_rates="1", multi_round_data="mr_refcoco", max_rounds=2,
+        epochs=1, steps_per_epoch=1, grad_accumulation_steps=1, warmup_steps=1, lr=1e-2,
+        workers=0, log_base_dir=str(tmp_path), selection="argmax", no_eval=True,
+    )  # fmt: skip
+    single = training.TrainConfig(
+        **_fields(
+            tiny_checkpoints, mrseg_data, mask_encoder="none", history="none",
+            exp_name="single", **common,
+        )
+    )  # fmt: skip
+    training.main(single)
+    tag = (single.log_dir / "ckpt_model" / "latest").read_text().strip()
+    saved = torch.load(
+        single.log_dir / "ckpt_model" / tag / "mp_rank_00_model_states.pt", weights_only=True
+    )["module"]
+    assert not any(k.startswith("mask_encoder.") for k in saved)
+
+    captured = {}
+    original_engine = training.initialize_engine
+
+    def capture(model, settings, device):
+        captured.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        captured["ref_token_id"] = model.ref_token_id
+        return original_engine(model, settings, device)
+
+    monkeypatch.setattr(training, "initialize_engine", capture)
+    multi = training.TrainConfig(
+        **_fields(
+            tiny_checkpoints, mrseg_data, init_weights=str(single.log_dir), exp_name="multi",
+            **common,
+        )
+    )  # fmt: skip
+    training.main(multi)
+    embed = "backbone.language_model.model.embed_tokens.weight"
+    for name, value in saved.items():
+        if name in (embed, "backbone.language_model.lm_head.weight"):
+            vocabulary = value.shape[0]
+            assert captured[name].shape[0] == vocabulary + 1 == captured["ref_token_id"] + 1
+            torch.testing.assert_close(captured[name][:vocabulary], value, msg=name)
+        else:
+            torch.testing.assert_close(captured[name], value, msg=name)
+    # SegLLM's new parts start as built: zero relation and geometry weights, a copied projector.
+    assert captured["proposal_scorer.relation_embedding.weight"].abs().sum() == 0
+    assert captured["mask_encoder.geometry.weight"].abs().sum() == 0
+
+    # A [REJ] model's rows would not line up ([REJ] follows <ref>): one error naming the key.
+    monkeypatch.setattr(training, "initialize_engine", original_engine)
+    rejecting = training.TrainConfig(
+        **_fields(
+            tiny_checkpoints, mrseg_data, init_weights=str(single.log_dir), exp_name="rejecting",
+            rejection="token", **common,
+        )
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"embed_tokens\.weight is \(\d+, \d+\) there but"):
+        training.main(rejecting)

@@ -166,8 +166,27 @@ def holds_saves(ckpt_dir: Path) -> bool:
     return (ckpt_dir / "latest").exists() or any(p.is_dir() for p in ckpt_dir.glob("global_step*"))
 
 
+@dataclass(frozen=True)
+class AddedParts:
+    """What a model adds to the run it starts from (``training.py --init_weights``).
+
+    Attributes:
+        prefixes: name prefixes of parts the saved run may lack (SegLLM's mask encoder on a
+            single-round LLM-Seg run); they keep their initialisation.
+        token_rows: trailing rows of the token matrices (``embed_tokens``, ``lm_head``) the saved
+            run may lack: tokens added after the saved run's (``<ref>``); they keep theirs.
+    """
+
+    prefixes: tuple[str, ...] = ()
+    token_rows: int = 0
+
+
 def load_trainable_weights(
-    model: torch.nn.Module, path: str | os.PathLike, which: str = "best", source: str = "auto"
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    which: str = "best",
+    source: str = "auto",
+    added: AddedParts | None = None,
 ) -> TrainingWeights:
     """Load the weights a training run saved into ``model``, for evaluation or inference.
 
@@ -177,23 +196,51 @@ def load_trainable_weights(
             ``zero_to_fp32.py`` output (file or sharded folder).
         which: ``best`` or ``latest`` when ``path`` holds several tags.
         source: see :func:`read_training_weights`.
+        added: parts ``model`` may have beyond the saved run's (a fine-tuning start); ``None``:
+            the save must hold every trainable weight, in the model's shapes.
     Returns:
         What was read (``.path`` is the tag folder or file).
     Raises:
-        CheckpointError: nothing to load, or saved keys that the model does not have.
+        CheckpointError: nothing to load, saved keys that the model does not have, trainable
+            weights missing, or a shape that differs from the model's.
     """
+    added = added or AddedParts()
     weights = read_training_weights(path, which, source)
-    module = weights.state
+    module = dict(weights.state)
     expected = model.state_dict()
     unexpected = sorted(set(module) - set(expected))
     if unexpected:
         raise CheckpointError(f"{weights.path}: keys not in the model: {unexpected[:10]}")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(trainable - set(module))
+    absent = sorted(trainable - set(module))
+    fresh = [name for name in absent if name.startswith(added.prefixes)] if added.prefixes else []
+    missing = sorted(set(absent) - set(fresh))
     if missing:
         raise CheckpointError(f"{weights.path}: trainable weights missing: {missing[:10]}")
+    grown = []
+    for name, saved in module.items():
+        target = expected[name]
+        if saved.shape == target.shape:
+            continue
+        short = target.shape[0] - saved.shape[0] if saved.dim() and target.dim() else 0
+        if added.token_rows and short == added.token_rows and saved.shape[1:] == target.shape[1:]:
+            merged = target.detach().clone()  # the added tokens keep their initial rows
+            merged[: saved.shape[0]] = saved.to(merged.dtype)
+            module[name] = merged
+            grown.append(name)
+            continue
+        raise CheckpointError(
+            f"{weights.path}: {name} is {tuple(saved.shape)} there but "
+            f"{tuple(target.shape)} in this model"
+        )
     model.load_state_dict(module, strict=False)
     logger.info("loaded %d tensors from %s (%s)", len(module), weights.path, weights.kind)
+    if fresh or grown:
+        logger.info(
+            "parts the saved run lacks keep their initialisation: %d tensors (%s)%s",
+            len(fresh), ", ".join(sorted({name.rsplit(".", 1)[0] for name in fresh})) or "none",
+            f"; new token rows in {', '.join(grown)}" if grown else "",
+        )  # fmt: skip
     return weights
 
 
