@@ -13,7 +13,6 @@ import eval as eval_script
 import training
 from model.builder import tiny_llm_seg_config
 from tests.utils.data.loader_fixtures import write_store
-from utils.checkpoint import CheckpointError
 from tests.utils.data.test_mrseg import (
     EXPECTED,
     IMG1,
@@ -23,6 +22,7 @@ from tests.utils.data.test_mrseg import (
     write_coco,
     write_mrseg,
 )
+from utils.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
