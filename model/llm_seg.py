@@ -42,7 +42,7 @@ from model.heads.losses import (
     sigmoid_bce_loss,
 )
 from model.heads.proposal_scorer import ProposalScorer, ProposalScores
-from model.heads.reference_relations import reference_relations, round_relations
+from model.heads.reference_relations import round_relations
 from model.heads.sam_decoder import SamMaskHead
 from model.heads.selection import SelectionResult, select_mask
 from model.mask_encoder import PooledMaskEncoder
@@ -320,7 +320,8 @@ class LLMSegModel(nn.Module):
                 if num_refs[i]:
                     maps = batch.references.proposal_maps[batch.references.image_index == i]
                     relations = round_relations(
-                        reference_relations(batch.proposal_masks[i], maps), assignments[i]
+                        self.proposal_scorer.relations(feature_map, batch.proposal_masks[i], maps),
+                        assignments[i],
                     )
                     ref_scores[i] = self.proposal_scorer.score(pooled, ref_embeddings[i])
                 scores[i] = self.proposal_scorer.score(pooled, seg_embeddings[i], relations)

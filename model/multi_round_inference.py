@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model.generation import CACHE_ARGUMENT
-from model.heads.reference_relations import reference_relations, round_relations
+from model.heads.reference_relations import round_relations
 from model.heads.selection import select_mask
 from model.inference import SegmentationRound, Segmenter, _round, build_question
 from utils.batch import ReferenceInputs
@@ -79,6 +79,7 @@ class _ImageState:
     clip_pixels: torch.Tensor  # (1, 3, S, S)
     pooled: torch.Tensor  # (K, E) proposal features
     proposal_maps: torch.Tensor  # (K, M, M)
+    feature_map: torch.Tensor | None  # (E, M, M) projected DINOv2 features (None: no proposal)
     sample: object  # the ProposalSample (binary masks, indices)
 
 
@@ -140,8 +141,9 @@ class MultiRoundSession:
             )[0]
             pooled = model.proposal_scorer.proposal_features(feature_map, maps)
         else:
+            feature_map = None
             pooled = maps.new_zeros((0, model.proposal_scorer.config.embed_dim))
-        self._state = _ImageState(vision, clip_pixels, pooled, maps, sample)
+        self._state = _ImageState(vision, clip_pixels, pooled, maps, feature_map, sample)
         return self._state
 
     def _references(self, rounds: tuple[int, ...]) -> ReferenceInputs | None:
@@ -197,10 +199,12 @@ class MultiRoundSession:
         position = seg_positions[-1] - 1 - cached  # the state before this round's [SEG]
         seg = self.model.text_projection(hidden[0, position][None].to(self.segmenter.dtype))
         relations = None
-        if rounds:
+        if rounds and state.feature_map is not None:
             this_round = references.proposal_maps[len(named) - len(rounds) :]
             relations = round_relations(
-                reference_relations(state.proposal_maps, this_round),
+                self.model.proposal_scorer.relations(
+                    state.feature_map, state.proposal_maps, this_round
+                ),
                 torch.ones((1, len(rounds)), dtype=torch.bool, device=seg.device),
             )
         scores = self.model.proposal_scorer.score(state.pooled, seg, relations)

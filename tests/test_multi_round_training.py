@@ -160,5 +160,5 @@ def test_a_single_round_run_starts_a_multi_round_model(
             rejection="token", **common,
         )
     )  # fmt: skip
-    with pytest.raises(CheckpointError, match=r"embed_tokens\.weight is \(\d+, \d+\) there but"):
+    with pytest.raises(CheckpointError, match=r"size mismatch for .*embed_tokens\.weight"):
         training.main(rejecting)

@@ -220,20 +220,17 @@ def load_trainable_weights(
     grown = []
     for name, saved in module.items():
         target = expected[name]
-        if saved.shape == target.shape:
-            continue
         short = target.shape[0] - saved.shape[0] if saved.dim() and target.dim() else 0
         if added.token_rows and short == added.token_rows and saved.shape[1:] == target.shape[1:]:
             merged = target.detach().clone()  # the added tokens keep their initial rows
             merged[: saved.shape[0]] = saved.to(merged.dtype)
             module[name] = merged
             grown.append(name)
-            continue
-        raise CheckpointError(
-            f"{weights.path}: {name} is {tuple(saved.shape)} there but "
-            f"{tuple(target.shape)} in this model"
-        )
-    model.load_state_dict(module, strict=False)
+    try:  # modules may adapt older layouts in their _load_from_state_dict
+        model.load_state_dict(module, strict=False)
+    except RuntimeError as error:
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"{weights.path}: {'; '.join(details) or error}") from None
     logger.info("loaded %d tensors from %s (%s)", len(module), weights.path, weights.kind)
     if fresh or grown:
         logger.info(

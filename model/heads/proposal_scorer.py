@@ -52,7 +52,11 @@ from segment_anything.modeling.transformer import Attention, TwoWayAttentionBloc
 from torch import nn
 
 from model.heads.mask_geometry import MaskGeometryEmbedding
-from model.heads.reference_relations import RELATION_FEATURES
+from model.heads.reference_relations import (
+    FIRST_VERSION_FEATURES,
+    RELATION_FEATURES,
+    reference_relations,
+)
 
 
 @dataclass
@@ -183,6 +187,35 @@ class ProposalScorer(nn.Module):
             return pooled
         return pooled + self.geometry_embedding(proposal_masks).float()
 
+    def relations(
+        self, feature_map: torch.Tensor, proposal_masks: torch.Tensor, reference_maps: torch.Tensor
+    ) -> torch.Tensor:
+        """``(N, K, 10)`` relation features of the proposals to ``N`` referenced masks
+        (:func:`~model.heads.reference_relations.reference_relations`; appearance from this
+        scorer's pooling of ``feature_map``).
+
+        Args:
+            feature_map: ``(E, M, M)`` from :meth:`project_features`.
+            proposal_masks: ``(K, M, M)`` weight maps.
+            reference_maps: ``(N, M, M)`` the referenced masks in the same frame.
+        """
+        return reference_relations(
+            proposal_masks,
+            reference_maps,
+            self.pool(feature_map, proposal_masks),
+            self.pool(feature_map, reference_maps.to(feature_map.dtype)),
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A save of the first relation version has a (E, 6) projection: its further columns
+        # load as zeros, so the model scores exactly as it did.
+        key = prefix + "relation_embedding.weight"
+        saved = state_dict.get(key)
+        if saved is not None and saved.shape[-1] == FIRST_VERSION_FEATURES:
+            padding = saved.new_zeros((saved.shape[0], RELATION_FEATURES - FIRST_VERSION_FEATURES))
+            state_dict[key] = torch.cat([saved, padding], dim=1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def score(
         self,
         pooled: torch.Tensor,
@@ -194,7 +227,7 @@ class ProposalScorer(nn.Module):
         Args:
             pooled: ``(K, E)`` proposal features (:meth:`proposal_features`).
             seg_embeddings: ``(R, E)`` projected ``[SEG]`` hidden states.
-            relations: ``(R, K, 6)`` each proposal's relation to the masks round ``r`` refers
+            relations: ``(R, K, 10)`` each proposal's relation to the masks round ``r`` refers
                 to (:mod:`model.heads.reference_relations`); needs ``relation_features``.
         Returns:
             :class:`ProposalScores` with ``(R, K)`` similarity and IoP.
