@@ -1,9 +1,10 @@
 """The built-in multi-round demo end to end: a fast variant of ``scripts/demo_multiround.sh``.
 
 Same chain as the full demo (conversations -> weight-free proposals -> tiny checkpoints ->
-training.py on the multi_round family -> eval.py with each history -> baseline -> report), with a
-few dozen pictures and a few hundred steps: referring rounds read with the ground-truth history
-must clearly beat the same model without history.
+single-round pretraining in two processes -> training.py on the multi_round family, SegLLM and
+the baseline side by side -> eval.py with each history -> report), with a few dozen pictures and a
+few hundred steps: referring rounds read with the ground-truth history must clearly beat the same
+model without history.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = {
     "DEMO_NUM_TRAIN": "60",
     "DEMO_NUM_VAL": "20",
+    "DEMO_PRETRAIN_EPOCHS": "1",
+    "DEMO_PRETRAIN_STEPS_PER_EPOCH": "100",
     "DEMO_EPOCHS": "1",
     "DEMO_STEPS_PER_EPOCH": "300",
     "DEMO_BATCH_SIZE": "4",
@@ -48,8 +51,16 @@ def test_fast_multiround_demo(tmp_path):
     assert "baseline" in metrics
     assert metrics["per_relation"]
     assert set(metrics["stage_seconds"]) == {
-        "generate", "proposals", "model", "train", "evaluate", "baseline",
+        "generate", "proposals", "model", "pretrain", "train", "evaluate",
     }  # fmt: skip
+    # Both models start from the single-round pretraining; only SegLLM has the mask encoder.
+    pretrain = json.loads((out_dir / "pretrain" / "config.json").read_text())
+    assert pretrain["mask_encoder"] == "none"
+    assert pretrain["dataset"] == "reason_seg"
+    for run, encoder in (("train", "pooled"), ("train_baseline", "none")):
+        config = json.loads((out_dir / run / "config.json").read_text())
+        assert config["init_weights"] == str(out_dir / "pretrain")
+        assert config["mask_encoder"] == encoder
     strips = sorted((out_dir / "vis").glob("*.png"))
     assert 0 < len(strips) <= 20
     assert strips[0].stat().st_size > 1000

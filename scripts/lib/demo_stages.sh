@@ -1,5 +1,5 @@
 # Shared by the built-in demos (scripts/demo.sh, scripts/demo_multiround.sh); sourced, not run.
-# Expects PYTHON, OUT and NUM_STAGES to be set by the demo.
+# Expects PYTHON, OUT, JOBS and NUM_STAGES to be set by the demo.
 
 STAGES=""
 
@@ -16,27 +16,50 @@ stage_done() {  # records the stage's wall time in STAGES (name=seconds,...)
   echo "    $STAGE_NAME done in ${seconds}s"
 }
 
-weightfree_proposals() {  # weightfree_proposals DATASET MASKS JOBS: train and val stores
-  local dataset=$1 masks=$2 jobs=$3 shard index split
-  local proposals=("$PYTHON" -m prepare_datasets.prepare_reason_seg --dataset_dir "$dataset"
-    --sam_masks_dir "$masks" --backend weightfree --splits train,val --no-fsync
-    --num_shards "$jobs")
-  pids=()
-  trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT  # no shard outlives a failed demo
-  for ((shard = 1; shard < jobs; shard++)); do
-    "${proposals[@]}" --shard_id "$shard" >"$OUT/proposals_shard$shard.log" 2>&1 &
-    pids+=($!)
-  done
-  "${proposals[@]}" --shard_id 0
-  for index in "${!pids[@]}"; do
-    if ! wait "${pids[$index]}"; then
-      shard=$((index + 1))
-      echo "proposal shard $shard failed; the end of $OUT/proposals_shard$shard.log:" >&2
-      tail -n 20 "$OUT/proposals_shard$shard.log" >&2
+# Commands run beside the foreground one, one per spare core (JOBS - 1 of them at a time: the
+# demo's JOBS is how many processes the machine runs well). Their output goes to a log in OUT;
+# a failure shows that log's end and stops the demo, and none outlives a failed demo.
+BESIDE_PIDS=()
+BESIDE_LOGS=()
+trap 'kill "${BESIDE_PIDS[@]}" 2>/dev/null || true' EXIT
+
+beside() {  # beside LOG COMMAND...: run COMMAND beside the next ones (in the foreground if JOBS=1)
+  local log=$1
+  shift
+  if ((${#BESIDE_PIDS[@]} > 0 && ${#BESIDE_PIDS[@]} >= JOBS - 1)); then
+    wait_beside  # every spare core is taken
+  fi
+  "$@" >"$log" 2>&1 &
+  BESIDE_PIDS+=($!)
+  BESIDE_LOGS+=("$log")
+  if ((JOBS <= 1)); then
+    wait_beside  # no spare core
+  fi
+}
+
+wait_beside() {  # wait for every command started by beside; exit on the first failure
+  local index
+  for index in "${!BESIDE_PIDS[@]}"; do
+    if ! wait "${BESIDE_PIDS[$index]}"; then
+      echo "failed; the end of ${BESIDE_LOGS[$index]}:" >&2
+      tail -n 20 "${BESIDE_LOGS[$index]}" >&2
       exit 1
     fi
   done
-  trap - EXIT
+  BESIDE_PIDS=()
+  BESIDE_LOGS=()
+}
+
+weightfree_proposals() {  # weightfree_proposals DATASET MASKS JOBS: train and val stores
+  local dataset=$1 masks=$2 jobs=$3 shard split
+  local proposals=("$PYTHON" -m prepare_datasets.prepare_reason_seg --dataset_dir "$dataset"
+    --sam_masks_dir "$masks" --backend weightfree --splits train,val --no-fsync
+    --num_shards "$jobs")
+  for ((shard = 1; shard < jobs; shard++)); do
+    JOBS=$jobs beside "$OUT/proposals_shard$shard.log" "${proposals[@]}" --shard_id "$shard"
+  done
+  "${proposals[@]}" --shard_id 0
+  wait_beside
   for split in train val; do
     if [[ ! -f "$masks/reason_seg/ReasonSeg/$split/masks.h5" ]]; then
       echo "no proposal store for $split: a shard did not finish" >&2
