@@ -21,7 +21,18 @@ stage_done() {  # records the stage's wall time in STAGES (name=seconds,...)
 # a failure shows that log's end and stops the demo, and none outlives a failed demo.
 BESIDE_PIDS=()
 BESIDE_LOGS=()
-trap 'kill "${BESIDE_PIDS[@]}" 2>/dev/null || true' EXIT
+stop_beside() {  # on exit: stop what still runs beside, with the children of a shell function
+  local pid children
+  for pid in "${BESIDE_PIDS[@]}"; do
+    children=$(pgrep -P "$pid" 2>/dev/null || true)  # before the parent goes: then they are re-parented
+    kill "$pid" 2>/dev/null || true
+    if [[ -n "$children" ]]; then
+      # shellcheck disable=SC2086  # one pid per word
+      kill $children 2>/dev/null || true
+    fi
+  done
+}
+trap stop_beside EXIT
 
 beside() {  # beside LOG COMMAND...: run COMMAND beside the next ones (in the foreground if JOBS=1)
   local log=$1
