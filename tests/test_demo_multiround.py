@@ -47,7 +47,7 @@ def test_fast_multiround_demo(tmp_path):
     assert [r["round"] for r in gt["per_round"]][:2] == [1, 2]
     assert 0 < metrics["referring_chance_giou"] < metrics["referring_oracle_giou"] <= 1
     # The history is what answers a referring round.
-    assert gt["referring_giou"] >= none["referring_giou"] + 0.03, metrics
+    assert gt["referring_giou"] >= none["referring_giou"] + 0.08, metrics  # 0.33 vs 0.20
     assert "baseline" in metrics
     assert metrics["per_relation"]
     assert set(metrics["stage_seconds"]) == {
