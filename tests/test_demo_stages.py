@@ -19,21 +19,25 @@ def _bash(script: str, out: Path, jobs: int) -> subprocess.CompletedProcess:
 
 
 def test_beside_runs_next_to_the_foreground_and_waits(tmp_path):
-    # Each command appends its start and end; with two jobs the side command starts before the
-    # foreground one ends, and wait_beside returns only when it has finished.
+    # The two commands wait for each other's marks, so they can only finish if they overlap;
+    # wait_beside returns only when the side command has finished.
     script = f"""
     log={tmp_path}/order
-    beside {tmp_path}/side.log bash -c "echo side-start >> $log; sleep 1; echo side-end >> $log"
-    sleep 0.3; echo fore-start >> $log; echo fore-end >> $log
+    until_exists() {{
+      for _ in $(seq 100); do [[ -e $1 ]] && return 0; sleep 0.05; done; return 1
+    }}
+    beside {tmp_path}/side.log bash -c "echo side-start >> $log; touch {tmp_path}/started
+      for _ in \\$(seq 100); do [[ -e {tmp_path}/fore_done ]] && break; sleep 0.05; done
+      sleep 0.2; echo side-end >> $log"
+    until_exists {tmp_path}/started
+    echo fore >> $log; touch {tmp_path}/fore_done
     wait_beside
     echo after-wait >> $log
     """
-    start = time.monotonic()
     result = _bash(script, tmp_path, jobs=2)
     assert result.returncode == 0, result.stderr
     order = (tmp_path / "order").read_text().split()
-    assert order == ["side-start", "fore-start", "fore-end", "side-end", "after-wait"]
-    assert time.monotonic() - start < 5
+    assert order == ["side-start", "fore", "side-end", "after-wait"]
 
 
 def test_with_one_job_beside_runs_before_the_next_command(tmp_path):
