@@ -60,15 +60,19 @@ SINGLE_ROUND_RATE="${DEMO_SINGLE_ROUND_RATE:-0}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TOKENIZERS_PARALLELISM=false
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-mkdir -p "$1"
-OUT="$(cd "$1" && pwd)"
-cd "$REPO"
-
+if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: DEMO_JOBS must be a positive whole number, got '$JOBS': DEMO_JOBS" >&2
+  exit 2
+fi
 if ((PRETRAIN_EPOCHS > 0 && BATCH_SIZE % JOBS != 0)); then
   echo "error: DEMO_BATCH_SIZE ($BATCH_SIZE) must be a multiple of DEMO_JOBS ($JOBS): DEMO_BATCH_SIZE" >&2
   exit 2
 fi
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$1"
+OUT="$(cd "$1" && pwd)"
+cd "$REPO"
 
 DATASET="$OUT/dataset"
 MASKS="$OUT/sam_masks"

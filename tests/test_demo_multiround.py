@@ -67,3 +67,20 @@ def test_fast_multiround_demo(tmp_path):
     assert "referring" in result.stdout
     manifest = json.loads((out_dir / "export" / "export_config.json").read_text())
     assert manifest["model"]["mask_encoder"] == "pooled", manifest
+
+
+def test_bad_sizes_stop_before_anything_is_written(tmp_path):
+    for env, flag in (
+        ({"DEMO_JOBS": "0"}, "DEMO_JOBS"),
+        ({"DEMO_BATCH_SIZE": "5"}, "DEMO_BATCH_SIZE"),
+    ):
+        out_dir = tmp_path / flag
+        result = subprocess.run(
+            ["bash", str(REPO / "scripts" / "demo_multiround.sh"), str(out_dir)],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert result.stderr.startswith("error: ")
+        assert result.stderr.strip().endswith(f": {flag}")
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not out_dir.exists()
