@@ -145,15 +145,20 @@ def load_state_dict_strict(
         problems.append(f"missing keys: {_format_keys(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_format_keys(unexpected)}")
+    if not problems:
+        try:  # a module may adapt an older layout in its _load_from_state_dict
+            module.load_state_dict(state, strict=True)
+            return
+        except RuntimeError as error:
+            problems.append(str(error).splitlines()[-1].strip())
     mismatched = [
         f"{k} (checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})"
         for k in sorted(set(expected) & set(state))
         if state[k].shape != expected[k].shape
     ]
-    if mismatched:
+    if mismatched:  # named by file and shapes, instead of torch's message
+        problems = [p for p in problems if "size mismatch" not in p]
         problems.append(f"shape mismatch: {_format_keys(mismatched)}")
-    if problems:
-        raise CheckpointError(
-            f"{source} does not match {type(module).__name__}: " + "; ".join(problems)
-        )
-    module.load_state_dict(state, strict=True)
+    raise CheckpointError(
+        f"{source} does not match {type(module).__name__}: " + "; ".join(problems)
+    )

@@ -446,3 +446,38 @@ def test_sam_head_decodes_reference_and_target_groups(scene, tiny_checkpoints, t
     torch.testing.assert_close(
         loaded.model.score(batch).sam_logits[0], expected, atol=1e-5, rtol=1e-4
     )
+
+
+def test_an_export_with_the_first_six_relations_loads_and_scores_as_before(
+    scene, tiny_checkpoints, tmp_path
+):
+    """Exports written before the four further relations hold a (E, 6) relation projection."""
+    from safetensors.torch import load_file, save_file
+
+    from model.export import HEAD_FILE
+    from model.heads.reference_relations import FIRST_VERSION_FEATURES
+
+    torch.manual_seed(3)
+    config = tiny_llm_seg_config(tiny_checkpoints, mask_encoder="pooled")
+    model, tokenizer = build_llm_seg(config)
+    setup_trainable(model, config)
+    key = "proposal_scorer.relation_embedding.weight"
+    with torch.no_grad():  # a first-version model: the further columns unused
+        weight = dict(model.named_parameters())[key]
+        weight.normal_(0, 0.1)
+        weight[:, FIRST_VERSION_FEATURES:] = 0
+    model.eval()
+    encoder = build_encoder(_settings(config), tokenizer, 16)
+    batch = collate([encoder(record(scene, THREE_ROUNDS, ["red", "left", "below"]))], 0)[0]
+    expected = model.score(batch)
+    manifest = ExportManifest("merged", config, describe_model(model, tokenizer))
+    save_export(model, tokenizer, manifest, tmp_path / "old")
+    head = load_file(tmp_path / "old" / HEAD_FILE)
+    stored = [k for k in head if k.endswith("relation_embedding.weight")]
+    assert len(stored) == 1
+    head[stored[0]] = head[stored[0]][:, :FIRST_VERSION_FEATURES].contiguous()
+    save_file(head, tmp_path / "old" / HEAD_FILE)
+    loaded = load_exported(tmp_path / "old")
+    got = loaded.model.score(batch)
+    for want, have in zip(expected.similarities, got.similarities):
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-4)
