@@ -306,31 +306,37 @@ class LLMSegModel(nn.Module):
             for i, (segs, masks) in enumerate(zip(seg_embeddings, batch.proposal_masks))
             if (segs.shape[0] > 0 or num_refs[i] > 0) and masks.shape[0] > 0
         ]
-        scores: list[ProposalScores | None] = [None] * len(seg_embeddings)
-        ref_scores: list[ProposalScores | None] = [None] * len(seg_embeddings)
+        scorer = self.proposal_scorer
+        features = [
+            masks.new_zeros((masks.shape[0], scorer.config.embed_dim))
+            for masks in batch.proposal_masks
+        ]  # stays zero where nothing is scored: empty (R_i, K_i) scores
+        relations: list[torch.Tensor | None] = [None] * len(seg_embeddings)
         if needed:
             index = torch.tensor(needed, device=batch.dino_pixels.device)
-            features = self.dino(batch.dino_pixels.index_select(0, index))
-            feature_maps = self.proposal_scorer.project_features(features)
-            for feature_map, i in zip(feature_maps, needed):
-                pooled = self.proposal_scorer.proposal_features(
-                    feature_map, batch.proposal_masks[i]
-                )
-                relations = None
-                if num_refs[i]:
-                    maps = batch.references.proposal_maps[batch.references.image_index == i]
-                    relations = round_relations(
-                        self.proposal_scorer.relations(feature_map, batch.proposal_masks[i], maps),
-                        assignments[i],
-                    )
-                    ref_scores[i] = self.proposal_scorer.score(pooled, ref_embeddings[i])
-                scores[i] = self.proposal_scorer.score(pooled, seg_embeddings[i], relations)
-        for i, masks in enumerate(batch.proposal_masks):
-            unpooled = masks.new_zeros((masks.shape[0], self.proposal_scorer.config.embed_dim))
-            if scores[i] is None:  # no [SEG] or no proposal: empty (R_i, K_i) scores
-                scores[i] = self.proposal_scorer.score(unpooled, seg_embeddings[i])
-            if ref_embeddings is not None and ref_scores[i] is None:
-                ref_scores[i] = self.proposal_scorer.score(unpooled, ref_embeddings[i])
+            feature_maps = scorer.project_features(
+                self.dino(batch.dino_pixels.index_select(0, index))
+            )
+            references = None
+            if any(num_refs[i] for i in needed):
+                references = [
+                    batch.references.proposal_maps[batch.references.image_index == i]
+                    for i in needed
+                ]
+            prepared, reference_rows = scorer.prepare(
+                feature_maps, [batch.proposal_masks[i] for i in needed], references
+            )
+            for i, image_features, rows in zip(needed, prepared, reference_rows):
+                features[i] = image_features
+                if rows is not None:
+                    relations[i] = round_relations(rows, assignments[i])
+        # One pass of the selection transformer for every image's rounds and references.
+        refs = ref_embeddings if ref_embeddings is not None else []
+        scores = scorer.score_many(
+            features + features[: len(refs)], list(seg_embeddings) + list(refs),
+            relations + [None] * len(refs),
+        )  # fmt: skip
+        scores, ref_scores = scores[: len(features)], scores[len(features) :]
         return scores, (ref_scores if ref_embeddings is not None else None)
 
     def proposal_losses(

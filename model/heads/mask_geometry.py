@@ -224,11 +224,18 @@ class MaskGeometryEmbedding(nn.Module):
         # embeddings of "leftmost" and "rightmost" got no consistent push apart and stayed equal.
         self.linear = nn.Linear(NUM_SCALAR_DESCRIPTORS, embed_dim)
 
-    def forward(self, proposal_masks: torch.Tensor) -> torch.Tensor:
-        """``(K, M, M)`` weight maps -> ``(K, E)`` in the MLP's dtype."""
+    def forward(
+        self, proposal_masks: torch.Tensor, outline: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(K, M, M)`` weight maps -> ``(K, E)`` in the MLP's dtype.
+
+        ``outline``, the maps' :func:`radial_shape_descriptors` ``(K, H + 2)``, when the caller
+        has them already (the scorer shares them with the reference relations).
+        """
         descriptors = mask_geometry_descriptors(proposal_masks, self.grid)
         scalars = fourier_features(descriptors[:, :NUM_SCALAR_DESCRIPTORS], self.num_octaves)
-        outline = radial_shape_descriptors(proposal_masks)
+        if outline is None:
+            outline = radial_shape_descriptors(proposal_masks)
         features = torch.cat([scalars, descriptors[:, NUM_SCALAR_DESCRIPTORS:], outline], dim=1)
         dtype = self.mlp[0].weight.dtype
         centred = 2.0 * descriptors[:, :NUM_SCALAR_DESCRIPTORS] - 1.0

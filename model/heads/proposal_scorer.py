@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import nn
 
-from model.heads.mask_geometry import MaskGeometryEmbedding
+from model.heads.mask_geometry import MaskGeometryEmbedding, radial_shape_descriptors
+from model.heads.padded_attention import two_way_block
 from model.heads.reference_relations import (
     FIRST_VERSION_FEATURES,
     RELATION_FEATURES,
@@ -182,10 +183,8 @@ class ProposalScorer(nn.Module):
         Returns:
             ``(K, E)`` float32.
         """
-        pooled = self.pool(feature_map, proposal_masks)
-        if self.geometry_embedding is None:
-            return pooled
-        return pooled + self.geometry_embedding(proposal_masks).float()
+        features, _ = self.prepare(feature_map.unsqueeze(0), [proposal_masks])
+        return features[0]
 
     def relations(
         self, feature_map: torch.Tensor, proposal_masks: torch.Tensor, reference_maps: torch.Tensor
@@ -206,6 +205,54 @@ class ProposalScorer(nn.Module):
             self.pool(feature_map, reference_maps.to(feature_map.dtype)),
         )
 
+    def prepare(
+        self,
+        feature_maps: torch.Tensor,
+        proposal_masks: list[torch.Tensor],
+        reference_maps: list[torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """:meth:`proposal_features` and :meth:`relations` for several images at once: the
+        geometry embedding runs once over all proposals, and each map's outline descriptors
+        are computed once and serve both.
+
+        Args:
+            feature_maps: ``(I, E, M, M)`` from :meth:`project_features`.
+            proposal_masks: ``I`` tensors ``(K_i, M, M)``.
+            reference_maps: ``I`` tensors ``(N_i, M, M)`` (``N_i`` may be 0), or ``None``.
+        Returns:
+            per image the ``(K_i, E)`` features and the ``(N_i, K_i, 10)`` relations (``None``
+            where the image has no reference).
+        """
+        counts = [masks.shape[0] for masks in proposal_masks]
+        pooled = [self.pool(fm, masks) for fm, masks in zip(feature_maps, proposal_masks)]
+        relations: list[torch.Tensor | None] = [None] * len(proposal_masks)
+        has_references = reference_maps is not None and any(len(r) for r in reference_maps)
+        if not proposal_masks or (self.geometry_embedding is None and not has_references):
+            return pooled, relations
+        all_masks = torch.cat(proposal_masks)
+        outlines = radial_shape_descriptors(all_masks)  # (sum K, D)
+        features = pooled
+        if self.geometry_embedding is not None:
+            geometry = self.geometry_embedding(all_masks, outline=outlines).float()
+            features = [p + g for p, g in zip(pooled, geometry.split(counts))]
+        if has_references:
+            reference_outlines = radial_shape_descriptors(torch.cat(reference_maps))
+            parts = zip(
+                feature_maps,
+                proposal_masks,
+                reference_maps,
+                pooled,
+                outlines.split(counts),
+                reference_outlines.split([len(r) for r in reference_maps]),
+            )
+            for i, (fm, masks, refs, pool, outline, ref_outline) in enumerate(parts):
+                if len(refs):
+                    ref_pool = self.pool(fm, refs.to(fm.dtype))
+                    relations[i] = reference_relations(
+                        masks, refs, pool, ref_pool, outline, ref_outline
+                    )
+        return features, relations
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A save of the first relation version has a (E, 6) projection: its further columns
         # load as zeros, so the model scores exactly as it did.
@@ -222,7 +269,7 @@ class ProposalScorer(nn.Module):
         seg_embeddings: torch.Tensor,
         relations: torch.Tensor | None = None,
     ) -> ProposalScores:
-        """Run the selection transformer and both heads.
+        """Run the selection transformer and both heads for one image.
 
         Args:
             pooled: ``(K, E)`` proposal features (:meth:`proposal_features`).
@@ -232,30 +279,79 @@ class ProposalScorer(nn.Module):
         Returns:
             :class:`ProposalScores` with ``(R, K)`` similarity and IoP.
         """
-        num_rounds, num_proposals = seg_embeddings.shape[0], pooled.shape[0]
-        if num_rounds == 0 or num_proposals == 0:
-            # Nothing to compare; empty scores (still connected to the graph for the losses).
-            empty = seg_embeddings.float().sum() * 0 + pooled.float().sum() * 0
-            zeros = empty.expand(num_rounds, num_proposals)
-            embeddings = empty.expand(num_rounds, num_proposals, self.config.embed_dim)
-            return ProposalScores(similarity=zeros, iop=zeros, proposal_embeddings=embeddings)
-        text = seg_embeddings.to(self.dtype).unsqueeze(1)  # (R, 1, E)
-        queries = pooled.to(self.dtype).unsqueeze(0).expand(num_rounds, -1, -1)  # (R, K, E)
-        if relations is not None:
-            if self.relation_embedding is None:
-                raise ValueError("relation features need ProposalScorerConfig.relation_features")
-            queries = queries + self.relation_embedding(relations.to(self.dtype))
-        keys = text
-        no_position = queries.new_zeros(())  # the scorer uses no positional encodings
+        return self.score_many([pooled], [seg_embeddings], [relations])[0]
+
+    def score_many(
+        self,
+        pooled: list[torch.Tensor],
+        seg_embeddings: list[torch.Tensor],
+        relations: list[torch.Tensor | None] | None = None,
+    ) -> list[ProposalScores]:
+        """:meth:`score` for several proposal sets in one pass of the transformer.
+
+        The rounds of all sets are stacked, each set padded to the largest ``K`` and its padding
+        masked (:mod:`model.heads.padded_attention`), so every row scores as it would alone;
+        many small images cost one pass instead of one each.
+
+        Args:
+            pooled: ``S`` tensors ``(K_s, E)``.
+            seg_embeddings: ``S`` tensors ``(R_s, E)``.
+            relations: ``S`` entries, ``(R_s, K_s, 10)`` or ``None``.
+        Returns:
+            ``S`` :class:`ProposalScores` with ``(R_s, K_s)`` fields.
+        """
+        relations = relations if relations is not None else [None] * len(pooled)
+        if not len(pooled) == len(seg_embeddings) == len(relations):
+            raise ValueError("score_many needs one proposal set, [SEG] set and relation entry each")
+        if any(r is not None for r in relations) and self.relation_embedding is None:
+            raise ValueError("relation features need ProposalScorerConfig.relation_features")
+        results: list[ProposalScores | None] = [None] * len(pooled)
+        live = []
+        for s, (features, segs) in enumerate(zip(pooled, seg_embeddings)):
+            if segs.shape[0] == 0 or features.shape[0] == 0:
+                results[s] = self._empty_scores(features, segs)
+            else:
+                live.append(s)
+        if not live:
+            return results
+        sizes = [pooled[s].shape[0] for s in live]
+        rounds = [seg_embeddings[s].shape[0] for s in live]
+        width = max(sizes)
+        queries = []
+        for s, size in zip(live, sizes):
+            rows = pooled[s].to(self.dtype).unsqueeze(0).expand(seg_embeddings[s].shape[0], -1, -1)
+            if relations[s] is not None:
+                rows = rows + self.relation_embedding(relations[s].to(self.dtype))
+            queries.append(F.pad(rows, (0, 0, 0, width - size)))
+        queries = torch.cat(queries)  # (sum R, K_max, E)
+        keys = torch.cat([seg_embeddings[s] for s in live]).to(self.dtype).unsqueeze(1)
+        mask = None
+        if min(sizes) < width:
+            real = torch.tensor(sizes, device=queries.device).repeat_interleave(
+                torch.tensor(rounds, device=queries.device)
+            )
+            mask = torch.arange(width, device=queries.device) < real[:, None]  # (sum R, K_max)
         for block in self.blocks:
-            queries, keys = block(queries, keys, query_pe=no_position, key_pe=no_position)
+            queries, keys = two_way_block(block, queries, keys, mask)
         queries = self.final_norm(queries + self.final_attn(q=queries, k=keys, v=keys))
-        iop = self.iop_head(queries).squeeze(-1).float()  # (R, K)
-        embeddings = self.embedding_head(queries)  # (R, K, E)
-        similarity = F.cosine_similarity(
-            embeddings.float(), seg_embeddings.float().unsqueeze(1), dim=-1
-        )
-        return ProposalScores(similarity=similarity, iop=iop, proposal_embeddings=embeddings)
+        iop = self.iop_head(queries).squeeze(-1).float()  # (sum R, K_max)
+        embeddings = self.embedding_head(queries)  # (sum R, K_max, E)
+        texts = torch.cat([seg_embeddings[s] for s in live]).float()
+        similarity = F.cosine_similarity(embeddings.float(), texts.unsqueeze(1), dim=-1)
+        parts = zip(similarity.split(rounds), iop.split(rounds), embeddings.split(rounds))
+        for s, size, (sim, prob, emb) in zip(live, sizes, parts):
+            results[s] = ProposalScores(
+                similarity=sim[:, :size], iop=prob[:, :size], proposal_embeddings=emb[:, :size]
+            )
+        return results
+
+    def _empty_scores(self, pooled: torch.Tensor, seg_embeddings: torch.Tensor) -> ProposalScores:
+        """``(R, 0)`` or ``(0, K)`` scores, still connected to the graph for the losses."""
+        num_rounds, num_proposals = seg_embeddings.shape[0], pooled.shape[0]
+        empty = seg_embeddings.float().sum() * 0 + pooled.float().sum() * 0
+        zeros = empty.expand(num_rounds, num_proposals)
+        embeddings = empty.expand(num_rounds, num_proposals, self.config.embed_dim)
+        return ProposalScores(similarity=zeros, iop=zeros, proposal_embeddings=embeddings)
 
     def forward(
         self,
@@ -277,8 +373,5 @@ class ProposalScorer(nn.Module):
                 f"{dino_features.shape[0]} feature grids, {len(proposal_masks)} proposal sets and "
                 f"{len(seg_embeddings)} [SEG] sets: one of each per image is needed"
             )
-        feature_maps = self.project_features(dino_features)
-        return [
-            self.score(self.proposal_features(feature_map, masks), segs)
-            for feature_map, masks, segs in zip(feature_maps, proposal_masks, seg_embeddings)
-        ]
+        features, _ = self.prepare(self.project_features(dino_features), proposal_masks)
+        return self.score_many(features, seg_embeddings)

@@ -50,6 +50,8 @@ def reference_relations(
     reference_maps: torch.Tensor,
     proposal_features: torch.Tensor,
     reference_features: torch.Tensor,
+    proposal_outlines: torch.Tensor | None = None,
+    reference_outlines: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(N, K, 10)`` relation features of ``K`` proposals to each of ``N`` references.
 
@@ -58,6 +60,8 @@ def reference_relations(
         reference_maps: ``(N, M, M)`` reference masks in the same frame.
         proposal_features: ``(K, E)`` pooled image features of the proposals.
         reference_features: ``(N, E)`` the same pooling of the references.
+        proposal_outlines, reference_outlines: the maps' ``radial_shape_descriptors``
+            (``(K, D)``, ``(N, D)``) when the caller has them already; computed otherwise.
     """
     proposal_maps, reference_maps = proposal_maps.float(), reference_maps.float()
     proposals = (proposal_maps > 0.5).flatten(1).float()  # (K, M*M)
@@ -78,8 +82,12 @@ def reference_relations(
     appearance = F.cosine_similarity(
         reference_features.float().unsqueeze(1), proposal_features.float().unsqueeze(0), dim=-1
     )
-    shape_p = radial_shape_descriptors(proposal_maps)  # (K, D)
-    shape_r = radial_shape_descriptors(reference_maps)  # (N, D)
+    shape_p = proposal_outlines
+    if shape_p is None:
+        shape_p = radial_shape_descriptors(proposal_maps)  # (K, D)
+    shape_r = reference_outlines
+    if shape_r is None:
+        shape_r = radial_shape_descriptors(reference_maps)  # (N, D)
     shape = torch.exp(-(shape_r.unsqueeze(1) - shape_p.unsqueeze(0)).abs().sum(dim=-1))
     ones = torch.ones_like(iou)
     return torch.stack(

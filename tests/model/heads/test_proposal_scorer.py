@@ -125,3 +125,55 @@ def test_forward_scores_every_image():
     assert [s.similarity.shape for s in scores] == [(2, 3), (4, 1)]
     with pytest.raises(ValueError, match="one of each per image"):
         scorer(features, masks[:1], segs)
+
+
+def test_score_many_pads_without_changing_any_set_s_scores():
+    config = ProposalScorerConfig(**{**SMALL.__dict__, "relation_features": True})
+    scorer = ProposalScorer(config).eval()
+    torch.nn.init.normal_(scorer.relation_embedding.weight)
+    pooled = [torch.randn(k, 16) for k in (5, 2, 3, 4)]
+    segs = [torch.randn(r, 16) for r in (2, 3, 0, 1)]
+    relations = [torch.randn(2, 5, 10), None, None, torch.randn(1, 4, 10)]
+    with torch.no_grad():
+        together = scorer.score_many(pooled, segs, relations)
+        alone = [scorer.score(p, s, r) for p, s, r in zip(pooled, segs, relations)]
+    for joint, single in zip(together, alone):
+        assert joint.similarity.shape == single.similarity.shape
+        torch.testing.assert_close(joint.similarity, single.similarity, atol=1e-5, rtol=0)
+        torch.testing.assert_close(joint.iop, single.iop, atol=1e-5, rtol=0)
+        torch.testing.assert_close(joint.proposal_embeddings, single.proposal_embeddings)
+    assert together[2].similarity.shape == (0, 3)
+    # The padding is what the mask keeps out: without it the short sets' scores change.
+    unmasked = scorer.score_many([torch.cat([pooled[1], torch.zeros(3, 16)])], [segs[1]])[0]
+    assert not torch.allclose(unmasked.similarity[:, :2], alone[1].similarity, atol=1e-3)
+
+
+def test_score_many_passes_gradients_to_every_set_and_refuses_unusable_relations():
+    scorer = ProposalScorer(SMALL)
+    pooled = [torch.randn(k, 16, requires_grad=True) for k in (4, 1)]
+    segs = [torch.randn(2, 16, requires_grad=True) for _ in range(2)]
+    scores = scorer.score_many(pooled, segs)
+    sum(s.similarity.sum() + s.iop.sum() for s in scores).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pooled + segs)
+    with pytest.raises(ValueError, match="relation_features"):
+        scorer.score_many(pooled, segs, [torch.zeros(2, 4, 10), None])
+
+
+def test_prepare_equals_the_per_image_features_and_relations():
+    config = ProposalScorerConfig(
+        **{**SMALL.__dict__, "relation_features": True, "geometry_embedding": True}
+    )
+    scorer = ProposalScorer(config).eval()
+    feature_maps = torch.randn(3, 16, 8, 8)
+    masks = [(torch.rand(k, 8, 8) > 0.6).float() for k in (3, 5, 2)]
+    references = [(torch.rand(n, 8, 8) > 0.5).float() for n in (1, 0, 2)]
+    features, relations = scorer.prepare(feature_maps, masks, references)
+    for i in range(3):
+        pooled = scorer.pool(feature_maps[i], masks[i])
+        expected = pooled + scorer.geometry_embedding(masks[i])
+        torch.testing.assert_close(features[i], expected)
+        if len(references[i]):
+            expected = scorer.relations(feature_maps[i], masks[i], references[i])
+            torch.testing.assert_close(relations[i], expected)
+    assert relations[1] is None
+    assert scorer.prepare(feature_maps, masks)[1] == [None, None, None]
