@@ -79,7 +79,7 @@ class _ImageState:
     clip_pixels: torch.Tensor  # (1, 3, S, S)
     pooled: torch.Tensor  # (K, E) proposal features
     proposal_maps: torch.Tensor  # (K, M, M)
-    feature_map: torch.Tensor | None  # (E, M, M) projected DINOv2 features (None: no proposal)
+    feature_map: torch.Tensor | None  # (E, G, G) projected DINOv2 features (None: no proposal)
     sample: object  # the ProposalSample (binary masks, indices)
 
 

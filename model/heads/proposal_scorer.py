@@ -5,7 +5,9 @@ For one image with ``K`` proposals and ``R`` ``[SEG]`` tokens:
 1. DINOv2 patch features ``(C, G, G)`` go through a 1x1 conv to ``E = 256`` channels and are
    bilinearly upsampled (in fp32) to the proposal map size ``M = 256``.
 2. Each proposal's soft weight map ``(M, M)`` averages those features into one ``E``-vector
-   (mask-average pooling), giving ``(K, E)``.
+   (mask-average pooling), giving ``(K, E)``. Steps 1 and 2 are computed together
+   (:meth:`ProposalScorer.pool`): the upsampling is linear, so the weight maps are brought down
+   to the ``G x G`` grid by its transpose and the upsampled features are never built.
 3. A small two-way transformer lets the proposals (queries, expanded to ``(R, K, E)``) attend to
    each other and to their ``[SEG]`` embedding (one key per round, ``(R, 1, E)``), and lets the
    ``[SEG]`` token attend back to the proposals. It is SAM's ``TwoWayAttentionBlock`` without
@@ -78,6 +80,14 @@ class ProposalScorerConfig:
     relation_features: bool = False  # SegLLM: proposals see their relation to referenced masks
 
 
+def upsampling_matrix(size: int, grid: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(M, G)`` matrix ``A`` of 1-d linear upsampling from ``G`` to ``M`` samples as
+    ``F.interpolate(..., mode="bilinear", align_corners=False)`` does it per axis."""
+    basis = torch.eye(grid, device=device, dtype=torch.float32).unsqueeze(1)  # (G, 1, G)
+    rows = F.interpolate(basis, size=size, mode="linear", align_corners=False)  # (G, 1, M)
+    return rows[:, 0].T
+
+
 @dataclass
 class ProposalScores:
     """The scorer's verdict on one image's proposals, one row per ``[SEG]`` (round).
@@ -141,35 +151,46 @@ class ProposalScorer(nn.Module):
         return self.feature_proj.weight.dtype
 
     def project_features(self, dino_features: torch.Tensor) -> torch.Tensor:
-        """1x1 conv to ``E`` channels, then bilinear upsampling to the proposal map size.
+        """1x1 conv to ``E`` channels.
+
+        Upstream then upsamples bilinearly to the proposal map size ``M`` and pools there;
+        :meth:`pool` gives the same averages without building the ``(E, M, M)`` maps.
 
         Args:
             dino_features: ``(I, C, G, G)`` DINOv2 patch grids.
         Returns:
-            ``(I, E, M, M)`` float32 (upsampling and pooling run in fp32: upstream's 1e-8 guard
-            and 65k-pixel sums are not safe in bf16).
+            ``(I, E, G, G)`` float32 (pooling runs in fp32: upstream's 1e-8 guard and 65k-pixel
+            sums are not safe in bf16).
         """
-        projected = self.feature_proj(dino_features.to(self.dtype))
-        size = (self.config.map_size, self.config.map_size)
-        return F.interpolate(projected.float(), size=size, mode="bilinear", align_corners=False)
+        return self.feature_proj(dino_features.to(self.dtype)).float()
 
     def pool(self, feature_map: torch.Tensor, proposal_masks: torch.Tensor) -> torch.Tensor:
-        """Mask-average pooling: ``f_k = sum_p w_k(p) F(p) / (sum_p w_k(p) + eps)``.
+        """Mask-average pooling over the features bilinearly upsampled to the map size:
+        ``f_k = sum_p w_k(p) U(F)(p) / (sum_p w_k(p) + eps)``.
+
+        Bilinear upsampling is linear and separable, ``U(F) = A F A^T`` with the ``(M, G)``
+        interpolation matrix ``A``, so the sum equals ``sum_q (A^T w_k A)(q) F(q)``: the weight
+        map is brought down to the feature grid instead of the features up to ``M x M``. For
+        the paper's sizes (``M = 256``, ``G = 16``) that is 256 times less to multiply and no
+        ``(E, 256, 256)`` map per image.
 
         Args:
-            feature_map: ``(E, M, M)`` from :meth:`project_features`.
+            feature_map: ``(E, G, G)`` from :meth:`project_features`.
             proposal_masks: ``(K, M, M)`` weight maps in ``[0, 1]``; an all-zero map pools to 0.
         Returns:
             ``(K, E)`` float32.
         """
-        if proposal_masks.shape[-2:] != feature_map.shape[-2:]:
+        size = self.config.map_size
+        if proposal_masks.shape[-2:] != (size, size):
             raise ValueError(
                 f"proposal maps are {tuple(proposal_masks.shape[-2:])} but the scorer pools at "
-                f"{tuple(feature_map.shape[-2:])} (ProposalScorerConfig.map_size)"
+                f"{(size, size)} (ProposalScorerConfig.map_size)"
             )
-        weights = proposal_masks.flatten(1).float()  # (K, M*M)
-        pooled = weights @ feature_map.flatten(1).float().T  # (K, E)
-        return pooled / (weights.sum(dim=1, keepdim=True) + self.config.pool_eps)
+        weights = proposal_masks.float()
+        down = upsampling_matrix(size, feature_map.shape[-1], weights.device).T  # (G, M)
+        on_grid = down @ weights @ down.T  # (K, G, G)
+        pooled = on_grid.flatten(1) @ feature_map.flatten(1).float().T  # (K, E)
+        return pooled / (weights.flatten(1).sum(dim=1, keepdim=True) + self.config.pool_eps)
 
     def proposal_features(
         self, feature_map: torch.Tensor, proposal_masks: torch.Tensor
@@ -178,7 +199,7 @@ class ProposalScorer(nn.Module):
         mask-geometry embedding when ``config.geometry_embedding`` is on.
 
         Args:
-            feature_map: ``(E, M, M)`` from :meth:`project_features`.
+            feature_map: ``(E, G, G)`` from :meth:`project_features`.
             proposal_masks: ``(K, M, M)`` weight maps.
         Returns:
             ``(K, E)`` float32.
@@ -194,7 +215,7 @@ class ProposalScorer(nn.Module):
         scorer's pooling of ``feature_map``).
 
         Args:
-            feature_map: ``(E, M, M)`` from :meth:`project_features`.
+            feature_map: ``(E, G, G)`` from :meth:`project_features`.
             proposal_masks: ``(K, M, M)`` weight maps.
             reference_maps: ``(N, M, M)`` the referenced masks in the same frame.
         """
@@ -216,7 +237,7 @@ class ProposalScorer(nn.Module):
         are computed once and serve both.
 
         Args:
-            feature_maps: ``(I, E, M, M)`` from :meth:`project_features`.
+            feature_maps: ``(I, E, G, G)`` from :meth:`project_features`.
             proposal_masks: ``I`` tensors ``(K_i, M, M)``.
             reference_maps: ``I`` tensors ``(N_i, M, M)`` (``N_i`` may be 0), or ``None``.
         Returns:

@@ -49,11 +49,29 @@ def test_parameter_names_follow_the_upstream_structure():
     assert not any(name.startswith("blocks.2") for name in names)
 
 
-def test_project_features_upsamples_in_fp32():
+def test_project_features_gives_fp32_grids():
     scorer = ProposalScorer(SMALL).to(torch.bfloat16)
     maps = scorer.project_features(torch.randn(3, 12, 4, 4, dtype=torch.bfloat16))
-    assert maps.shape == (3, 16, 8, 8)
+    assert maps.shape == (3, 16, 4, 4)
     assert maps.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("size", "grid"), [(8, 4), (64, 16), (56, 16), (16, 16), (8, 3)])
+def test_pooling_on_the_grid_equals_pooling_the_upsampled_features(size, grid):
+    # Upstream: F.interpolate the projected features to the map size, then average under
+    # each weight map. The scorer brings the maps down instead; the averages must agree.
+    config = ProposalScorerConfig(**{**SMALL.__dict__, "map_size": size})
+    scorer = ProposalScorer(config)
+    features = scorer.project_features(torch.randn(1, 12, grid, grid))[0]
+    masks = torch.rand(4, size, size) * (torch.rand(4, size, size) > 0.5)
+    masks[3] = 0.0
+    upsampled = torch.nn.functional.interpolate(
+        features[None], size=(size, size), mode="bilinear", align_corners=False
+    )[0]
+    expected = torch.einsum("kyx,eyx->ke", masks, upsampled)
+    expected = expected / (masks.sum(dim=(1, 2))[:, None] + config.pool_eps)
+    torch.testing.assert_close(scorer.pool(features, masks), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(scorer.pool(features, masks)[3], torch.zeros(16))
 
 
 def test_pooling_matches_a_hand_computation_and_empty_masks_give_zero():
@@ -70,6 +88,8 @@ def test_pooling_matches_a_hand_computation_and_empty_masks_give_zero():
     assert torch.equal(pooled[2], torch.zeros(16))
     with pytest.raises(ValueError, match="map_size"):
         scorer.pool(features, torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match="map_size"):
+        scorer.pool(features, torch.zeros(2, 16, 16))
 
 
 def test_scores_by_hand_for_the_last_step():
