@@ -40,12 +40,12 @@ IMAGE_SIZE="${DEMO_IMAGE_SIZE:-128}"
 JOBS="${DEMO_JOBS:-2}"                 # processes at once (proposal shards, pretraining ranks)
 # stage 4, single-round pretraining: PRETRAIN_EPOCHS x PRETRAIN_STEPS steps of BATCH_SIZE
 # pictures, QUERIES_PER_IMAGE queries each (the picture's own and EXTRA_QUERIES further ones)
-PRETRAIN_EPOCHS="${DEMO_PRETRAIN_EPOCHS:-4}"
+PRETRAIN_EPOCHS="${DEMO_PRETRAIN_EPOCHS:-5}"
 PRETRAIN_STEPS="${DEMO_PRETRAIN_STEPS_PER_EPOCH:-275}"
 EXTRA_QUERIES="${DEMO_EXTRA_QUERIES:-3}"
 QUERIES_PER_IMAGE="${DEMO_QUERIES_PER_IMAGE:-4}"
 # stage 5, conversations: EPOCHS x STEPS_PER_EPOCH steps of BATCH_SIZE conversations
-EPOCHS="${DEMO_EPOCHS:-4}"
+EPOCHS="${DEMO_EPOCHS:-5}"
 STEPS_PER_EPOCH="${DEMO_STEPS_PER_EPOCH:-225}"
 BATCH_SIZE="${DEMO_BATCH_SIZE:-8}"
 MAX_ROUNDS="${DEMO_MAX_ROUNDS:-5}"
@@ -139,7 +139,7 @@ if [[ "$BASELINE" == 1 ]]; then
     --history none --no-eval --exp_name train_baseline
 fi
 "$PYTHON" training.py "${SEGLLM_ARGS[@]}" --ref_dropout "$REF_DROPOUT" "${TRAIN_ARGS[@]}" \
-  --exp_name train
+  --no-eval --exp_name train
 wait_beside
 stage_done
 
