@@ -154,7 +154,10 @@ def seed_everything(seed: int) -> None:
 def _validate(config: TrainConfig, device: torch.device) -> None:
     if device.type == "cpu" and config.precision == "fp16":
         raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    for name in ("epochs", "steps_per_epoch", "batch_size", "grad_accumulation_steps"):
+    for name in (
+        "epochs", "steps_per_epoch", "batch_size", "grad_accumulation_steps",
+        "conversations_per_sample",
+    ):  # fmt: skip
         if getattr(config, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(config, name)}: --{name}")
     if not config.lr > 0:

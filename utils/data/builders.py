@@ -83,6 +83,12 @@ class DataConfig:
         default=DEFAULT_MAX_ROUNDS,
         metadata={"help": "multi_round training: rounds kept per conversation (SegLLM's 6)"},
     )
+    conversations_per_sample: int = field(
+        default=1,
+        metadata={"help": "multi_round training: conversations about one picture per sample "
+                  "(1: one conversation; N: a picture and up to N of its conversations, "
+                  "whose picture-side work is then shared)"},
+    )  # fmt: skip
     skip_missing: bool = field(
         default=False,
         metadata={"help": "evaluation: score the images that have their annotation and list the "
@@ -202,7 +208,11 @@ def _vqa_train(config) -> VQASource:
 
 def _multi_round_train(config) -> MultiRoundSource:
     return load_multi_round_train(
-        config.dataset_dir, config.sam_masks_dir, config.multi_round_data, config.max_rounds
+        config.dataset_dir,
+        config.sam_masks_dir,
+        config.multi_round_data,
+        config.max_rounds,
+        config.conversations_per_sample,
     )
 
 

@@ -1,5 +1,6 @@
 """Conversations kept in ReasonSeg-format jsons: records, prompts, masks, errors."""
 
+import copy
 import json
 import random
 
@@ -7,8 +8,10 @@ import pytest
 
 from tests.data_fixtures import write_reason_seg
 from utils.data.conversation_split import load_conversation_split
-from utils.data.multi_round import load_multi_round_train
+from utils.data.multi_round import load_multi_round_train, merge_conversations
+from utils.data.samples import SampleEncoder
 from utils.text_files import DatasetFormatError
+from utils.tokenizer import REF_TOKEN
 
 SQUARE = [[2, 2], [9, 2], [9, 9], [2, 9]]
 OTHER = [[20, 20], [29, 20], [29, 29], [20, 29]]
@@ -77,3 +80,70 @@ def test_malformed_extra_conversations_name_the_json(split, extra):
     assert len(load_conversation_split(dataset_dir, masks_dir, "val")) == 1  # evaluation: unread
     with pytest.raises(DatasetFormatError, match=r"img_000\.json: '?extra_conversations"):
         load_conversation_split(dataset_dir, masks_dir, "val", extra_conversations=True)
+
+
+def _add_extra_conversations(folder):
+    path = folder / "img_000.json"
+    data = json.loads(path.read_text())
+    data["extra_conversations"] = [
+        [{"text": "the blue square", "is_sentence": False, "references": [],
+          "shapes": [{"label": "target", "points": OTHER}]}],
+        [{"text": "the green square", "is_sentence": False, "references": [],
+          "shapes": [{"label": "target", "points": OTHER}]},
+         {"text": "the square above and left of object 1 [REF:1]", "is_sentence": False,
+          "references": [1], "shapes": [{"label": "target", "points": SQUARE}]}],
+    ]  # fmt: skip
+    path.write_text(json.dumps(data))
+
+
+def test_conversations_per_sample_packs_one_pictures_conversations(split, tiny_model_and_encoder):
+    dataset_dir, masks_dir, folder = split
+    _add_extra_conversations(folder)
+    source = load_multi_round_train(
+        dataset_dir, masks_dir, "ReasonSeg|val", max_rounds=5, conversations_per_sample=2
+    )
+    seen = set()
+    for seed in range(12):
+        record = source.sample_record(random.Random(seed))
+        assert len(record.conversations) == 2  # two of img_000's three, never img_001
+        assert record.image_path.name == "img_000.jpg"
+        assert len(record.queries) == sum(len(turns) for turns in record.conversations)
+        masks = record.masks(48, 56)
+        assert masks.shape == (len(record.queries), 48, 56)
+        # Every mask row is its own round's target: the squares by the query's words.
+        for query, mask in zip(record.queries, masks):
+            square = "red" in query or "above" in query
+            assert mask[5, 5] == (1 if square else 0)
+            assert mask[25, 25] == (0 if square else 1)
+        seen.add(tuple(record.queries))
+    assert len(seen) > 1  # the conversations are drawn, not always the same two
+    # A packed conversation's reference names its own round 1, after the other's rows.
+    *_, encoder = tiny_model_and_encoder
+    tokenizer = copy.deepcopy(encoder.tokenizer)
+    tokenizer.add_tokens([REF_TOKEN], special_tokens=True)
+    with_references = SampleEncoder(tokenizer, encoder.fmt, encoder.settings)
+    assert with_references.references == "tokens"
+    blue, green = source.pictures["ReasonSeg|val"][0][1:]
+    sample = with_references(merge_conversations([blue, green]))
+    assert sample.reference_rows.tolist() == [1]
+    assert sample.masks[:, 25, 25].tolist() == [1, 1, 0]
+    assert with_references(green).reference_rows.tolist() == [0]
+
+
+def test_conversations_per_sample_one_draws_as_before(split):
+    dataset_dir, masks_dir, folder = split
+    _add_extra_conversations(folder)
+    one = load_multi_round_train(dataset_dir, masks_dir, "ReasonSeg|val", max_rounds=5)
+    default = [one.sample_record(random.Random(seed)).queries for seed in range(8)]
+    expected = []
+    for seed in range(8):
+        rng = random.Random(seed)
+        rng.randrange(1)  # the file
+        expected.append(one.files["ReasonSeg|val"][rng.randrange(3)].queries)
+    assert default == expected
+
+
+def test_conversations_per_sample_must_be_positive(split):
+    dataset_dir, masks_dir, _ = split
+    with pytest.raises(ValueError, match="--conversations_per_sample must be at least 1"):
+        load_multi_round_train(dataset_dir, masks_dir, "ReasonSeg|val", conversations_per_sample=0)
