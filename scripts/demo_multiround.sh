@@ -44,10 +44,12 @@ PRETRAIN_EPOCHS="${DEMO_PRETRAIN_EPOCHS:-5}"
 PRETRAIN_STEPS="${DEMO_PRETRAIN_STEPS_PER_EPOCH:-275}"
 EXTRA_QUERIES="${DEMO_EXTRA_QUERIES:-3}"
 QUERIES_PER_IMAGE="${DEMO_QUERIES_PER_IMAGE:-4}"
-# stage 5, conversations: EPOCHS x STEPS_PER_EPOCH steps of BATCH_SIZE conversations
+# stage 5, conversations: EPOCHS x STEPS_PER_EPOCH steps of BATCH_SIZE conversations, asked
+# CONVERSATIONS_PER_SAMPLE at a time of one picture (whose picture-side work they share)
 EPOCHS="${DEMO_EPOCHS:-5}"
 STEPS_PER_EPOCH="${DEMO_STEPS_PER_EPOCH:-225}"
 BATCH_SIZE="${DEMO_BATCH_SIZE:-8}"
+CONVERSATIONS_PER_SAMPLE="${DEMO_CONVERSATIONS_PER_SAMPLE:-1}"
 MAX_ROUNDS="${DEMO_MAX_ROUNDS:-5}"
 LR="${DEMO_LR:-2e-3}"
 WARMUP_STEPS="${DEMO_WARMUP_STEPS:-50}"
@@ -62,6 +64,12 @@ export TOKENIZERS_PARALLELISM=false
 
 if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: DEMO_JOBS must be a positive whole number, got '$JOBS': DEMO_JOBS" >&2
+  exit 2
+fi
+if ! [[ "$CONVERSATIONS_PER_SAMPLE" =~ ^[1-9][0-9]*$ ]] ||
+  ((BATCH_SIZE % CONVERSATIONS_PER_SAMPLE != 0)); then
+  echo "error: DEMO_CONVERSATIONS_PER_SAMPLE must divide DEMO_BATCH_SIZE ($BATCH_SIZE), got \
+'$CONVERSATIONS_PER_SAMPLE': DEMO_CONVERSATIONS_PER_SAMPLE" >&2
   exit 2
 fi
 if ((PRETRAIN_EPOCHS > 0 && BATCH_SIZE % JOBS != 0)); then
@@ -126,7 +134,8 @@ if awk "BEGIN { exit !($SINGLE_ROUND_RATE > 0) }"; then
 fi
 TRAIN_ARGS=("${DATA_ARGS[@]}" "${COMMON_ARGS[@]}" "${INIT_ARGS[@]}" "${FAMILIES[@]}"
   --multi_round_data "ReasonSeg|train" --max_rounds "$MAX_ROUNDS" --epochs "$EPOCHS"
-  --steps_per_epoch "$STEPS_PER_EPOCH" --batch_size "$BATCH_SIZE")
+  --steps_per_epoch "$STEPS_PER_EPOCH" --conversations_per_sample "$CONVERSATIONS_PER_SAMPLE"
+  --batch_size "$((BATCH_SIZE / CONVERSATIONS_PER_SAMPLE))")
 
 BESIDE_NOTE=""
 if [[ "$BASELINE" == 1 ]]; then
