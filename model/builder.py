@@ -71,6 +71,11 @@ class LLMSegConfig:
     scorer_heads: int = field(default=8, metadata={"help": "scorer attention heads"})
     scorer_mlp_dim: int = field(default=2048, metadata={"help": "scorer block MLP width"})
     scorer_depth: int = field(default=2, metadata={"help": "scorer two-way blocks"})
+    scorer_embedding_hidden_dim: int = field(
+        default=2048,
+        metadata={"help": "hidden width of the scorer's embedding head (upstream's 2048; it runs "
+                  "on every proposal of every round)"},
+    )  # fmt: skip
     proposal_map_size: int = field(
         default=256, metadata={"help": "side of the proposal weight maps fed to the scorer"}
     )
@@ -188,6 +193,7 @@ class LLMSegConfig:
             num_heads=self.scorer_heads,
             mlp_dim=self.scorer_mlp_dim,
             depth=self.scorer_depth,
+            embedding_hidden_dim=self.scorer_embedding_hidden_dim,
             map_size=self.proposal_map_size,
             geometry_embedding=self.mask_geometry_embedding,
             relation_features=self.multi_round,

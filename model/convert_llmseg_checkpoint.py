@@ -414,6 +414,7 @@ def main(config: ConvertConfig) -> dict:
         scorer_heads=scorer_config.num_heads,
         scorer_mlp_dim=scorer_config.mlp_dim,
         scorer_depth=scorer_config.depth,
+        scorer_embedding_hidden_dim=scorer_config.embedding_hidden_dim,
         lora_r=report.get("lora_rank", 0),
         lora_alpha=int(config.lora_alpha),
         precision=config.dtype,

@@ -54,6 +54,9 @@ MAX_ROUNDS="${DEMO_MAX_ROUNDS:-5}"
 LR="${DEMO_LR:-2e-3}"
 WARMUP_STEPS="${DEMO_WARMUP_STEPS:-50}"
 TOP_K="${DEMO_TOP_K:-50}"
+# hidden width of the scorer's embedding head, which runs on every proposal of every round
+# (upstream's 2048; the demo's scorer is 64 wide)
+EMBEDDING_HIDDEN="${DEMO_SCORER_EMBEDDING_HIDDEN:-2048}"
 BASELINE="${DEMO_BASELINE:-1}"
 EXTRA_CONVERSATIONS="${DEMO_EXTRA_CONVERSATIONS:-3}"  # further conversations per training picture
 REF_DROPOUT="${DEMO_REF_DROPOUT:-0.5}"
@@ -105,6 +108,7 @@ stage_done
 stage 3 model "tiny random checkpoints"
 "$PYTHON" -m model.presets --dataset_dir "$DATASET" --out_dir "$OUT/checkpoints" --seed "$SEED"
 mapfile -t MODEL_ARGS <"$OUT/checkpoints/model_args.txt"
+MODEL_ARGS+=(--scorer_embedding_hidden_dim "$EMBEDDING_HIDDEN")
 SEGLLM_ARGS=("${MODEL_ARGS[@]}" --mask_encoder pooled)
 stage_done
 

@@ -75,6 +75,8 @@ def test_bad_sizes_stop_before_anything_is_written(tmp_path):
     for env, flag in (
         ({"DEMO_JOBS": "0"}, "DEMO_JOBS"),
         ({"DEMO_BATCH_SIZE": "5"}, "DEMO_BATCH_SIZE"),
+        ({"DEMO_CONVERSATIONS_PER_SAMPLE": "3"}, "DEMO_CONVERSATIONS_PER_SAMPLE"),
+        ({"DEMO_CONVERSATIONS_PER_SAMPLE": "x"}, "DEMO_CONVERSATIONS_PER_SAMPLE"),
     ):
         out_dir = tmp_path / flag
         result = subprocess.run(
