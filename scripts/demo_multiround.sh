@@ -40,23 +40,23 @@ IMAGE_SIZE="${DEMO_IMAGE_SIZE:-128}"
 JOBS="${DEMO_JOBS:-2}"                 # processes at once (proposal shards, pretraining ranks)
 # stage 4, single-round pretraining: PRETRAIN_EPOCHS x PRETRAIN_STEPS steps of BATCH_SIZE
 # pictures, QUERIES_PER_IMAGE queries each (the picture's own and EXTRA_QUERIES further ones)
-PRETRAIN_EPOCHS="${DEMO_PRETRAIN_EPOCHS:-5}"
+PRETRAIN_EPOCHS="${DEMO_PRETRAIN_EPOCHS:-7}"
 PRETRAIN_STEPS="${DEMO_PRETRAIN_STEPS_PER_EPOCH:-275}"
 EXTRA_QUERIES="${DEMO_EXTRA_QUERIES:-3}"
 QUERIES_PER_IMAGE="${DEMO_QUERIES_PER_IMAGE:-4}"
 # stage 5, conversations: EPOCHS x STEPS_PER_EPOCH steps of BATCH_SIZE conversations, asked
 # CONVERSATIONS_PER_SAMPLE at a time of one picture (whose picture-side work they share)
 EPOCHS="${DEMO_EPOCHS:-5}"
-STEPS_PER_EPOCH="${DEMO_STEPS_PER_EPOCH:-225}"
+STEPS_PER_EPOCH="${DEMO_STEPS_PER_EPOCH:-400}"
 BATCH_SIZE="${DEMO_BATCH_SIZE:-8}"
-CONVERSATIONS_PER_SAMPLE="${DEMO_CONVERSATIONS_PER_SAMPLE:-1}"
+CONVERSATIONS_PER_SAMPLE="${DEMO_CONVERSATIONS_PER_SAMPLE:-4}"
 MAX_ROUNDS="${DEMO_MAX_ROUNDS:-5}"
 LR="${DEMO_LR:-2e-3}"
 WARMUP_STEPS="${DEMO_WARMUP_STEPS:-50}"
 TOP_K="${DEMO_TOP_K:-50}"
 # hidden width of the scorer's embedding head, which runs on every proposal of every round
 # (upstream's 2048; the demo's scorer is 64 wide)
-EMBEDDING_HIDDEN="${DEMO_SCORER_EMBEDDING_HIDDEN:-2048}"
+EMBEDDING_HIDDEN="${DEMO_SCORER_EMBEDDING_HIDDEN:-256}"
 BASELINE="${DEMO_BASELINE:-1}"
 EXTRA_CONVERSATIONS="${DEMO_EXTRA_CONVERSATIONS:-3}"  # further conversations per training picture
 REF_DROPOUT="${DEMO_REF_DROPOUT:-0.5}"
