@@ -60,6 +60,9 @@ def merge_conversations(records: list[SegmentationRecord]) -> SegmentationRecord
     first = records[0]
     if any(r.image_path != first.image_path for r in records):
         raise ValueError("merge_conversations needs records of one picture")
+    if any(r.no_target is not None or r.prediction_names is not None for r in records):
+        # Per-row evaluation fields; no training source sets them, so none are merged.
+        raise ValueError("merge_conversations cannot merge no_target or prediction_names rows")
     if len(records) == 1:
         return first
     return dataclasses.replace(

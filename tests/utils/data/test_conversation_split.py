@@ -1,6 +1,7 @@
 """Conversations kept in ReasonSeg-format jsons: records, prompts, masks, errors."""
 
 import copy
+import dataclasses
 import json
 import random
 
@@ -128,6 +129,10 @@ def test_conversations_per_sample_packs_one_pictures_conversations(split, tiny_m
     assert sample.reference_rows.tolist() == [1]
     assert sample.masks[:, 25, 25].tolist() == [1, 1, 0]
     assert with_references(green).reference_rows.tolist() == [0]
+    with pytest.raises(ValueError, match="one picture"):
+        merge_conversations([blue, dataclasses.replace(green, image_path=folder / "img_001.jpg")])
+    with pytest.raises(ValueError, match="no_target"):
+        merge_conversations([blue, dataclasses.replace(green, no_target=(False, False))])
 
 
 def test_conversations_per_sample_one_draws_as_before(split):
