@@ -76,6 +76,9 @@ class LLMSegConfig:
         metadata={"help": "hidden width of the scorer's embedding head (upstream's 2048; it runs "
                   "on every proposal of every round)"},
     )  # fmt: skip
+    scorer_iop_hidden_dim: int = field(
+        default=128, metadata={"help": "hidden width of the scorer's IoP head (upstream's 128)"}
+    )
     proposal_map_size: int = field(
         default=256, metadata={"help": "side of the proposal weight maps fed to the scorer"}
     )
@@ -194,6 +197,7 @@ class LLMSegConfig:
             mlp_dim=self.scorer_mlp_dim,
             depth=self.scorer_depth,
             embedding_hidden_dim=self.scorer_embedding_hidden_dim,
+            iop_hidden_dim=self.scorer_iop_hidden_dim,
             map_size=self.proposal_map_size,
             geometry_embedding=self.mask_geometry_embedding,
             relation_features=self.multi_round,

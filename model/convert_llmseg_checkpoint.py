@@ -415,6 +415,7 @@ def main(config: ConvertConfig) -> dict:
         scorer_mlp_dim=scorer_config.mlp_dim,
         scorer_depth=scorer_config.depth,
         scorer_embedding_hidden_dim=scorer_config.embedding_hidden_dim,
+        scorer_iop_hidden_dim=scorer_config.iop_hidden_dim,
         lora_r=report.get("lora_rank", 0),
         lora_alpha=int(config.lora_alpha),
         precision=config.dtype,

@@ -24,7 +24,9 @@ from utils.tokenizer import IMAGE_START_TOKEN
 
 EXPORT_FORMAT = "llm-seg-export"
 # 2: the model's rejection mode and the data's ref_placement (version 1 reads as none / the flag)
-EXPORT_FORMAT_VERSION = 2
+# 3: the scorer's head widths (scorer_embedding_hidden_dim, scorer_iop_hidden_dim; older exports
+#    read as upstream's 2048 and 128)
+EXPORT_FORMAT_VERSION = 3
 MANIFEST = "export_config.json"
 CONVERSION_REPORT = "conversion_report.json"  # written by the converters of upstream checkpoints
 LLM_DIR = "llm"

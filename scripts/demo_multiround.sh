@@ -44,8 +44,11 @@ PRETRAIN_EPOCHS="${DEMO_PRETRAIN_EPOCHS:-7}"
 PRETRAIN_STEPS="${DEMO_PRETRAIN_STEPS_PER_EPOCH:-275}"
 EXTRA_QUERIES="${DEMO_EXTRA_QUERIES:-3}"
 QUERIES_PER_IMAGE="${DEMO_QUERIES_PER_IMAGE:-4}"
-# stage 5, conversations: EPOCHS x STEPS_PER_EPOCH steps of BATCH_SIZE conversations, asked
-# CONVERSATIONS_PER_SAMPLE at a time of one picture (whose picture-side work they share)
+# stage 5, conversations: EPOCHS x STEPS_PER_EPOCH steps of BATCH_SIZE / CONVERSATIONS_PER_SAMPLE
+# pictures, each with up to CONVERSATIONS_PER_SAMPLE of its conversations (which share the
+# picture-side work): BATCH_SIZE conversations for pictures with that many (all but the 4% the
+# generator gave no further conversation; with SINGLE_ROUND_RATE, a single-round sample is a
+# picture with QUERIES_PER_IMAGE queries)
 EPOCHS="${DEMO_EPOCHS:-5}"
 STEPS_PER_EPOCH="${DEMO_STEPS_PER_EPOCH:-400}"
 BATCH_SIZE="${DEMO_BATCH_SIZE:-8}"
@@ -69,14 +72,14 @@ if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: DEMO_JOBS must be a positive whole number, got '$JOBS': DEMO_JOBS" >&2
   exit 2
 fi
+if ((PRETRAIN_EPOCHS > 0 && BATCH_SIZE % JOBS != 0)); then
+  echo "error: DEMO_BATCH_SIZE ($BATCH_SIZE) must be a multiple of DEMO_JOBS ($JOBS): DEMO_BATCH_SIZE" >&2
+  exit 2
+fi
 if ! [[ "$CONVERSATIONS_PER_SAMPLE" =~ ^[1-9][0-9]*$ ]] ||
   ((BATCH_SIZE % CONVERSATIONS_PER_SAMPLE != 0)); then
   echo "error: DEMO_CONVERSATIONS_PER_SAMPLE must divide DEMO_BATCH_SIZE ($BATCH_SIZE), got \
 '$CONVERSATIONS_PER_SAMPLE': DEMO_CONVERSATIONS_PER_SAMPLE" >&2
-  exit 2
-fi
-if ((PRETRAIN_EPOCHS > 0 && BATCH_SIZE % JOBS != 0)); then
-  echo "error: DEMO_BATCH_SIZE ($BATCH_SIZE) must be a multiple of DEMO_JOBS ($JOBS): DEMO_BATCH_SIZE" >&2
   exit 2
 fi
 

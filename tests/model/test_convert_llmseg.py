@@ -171,13 +171,14 @@ def official(tiny_checkpoints, tmp_path_factory, request):
         sentencepiece_base_folder(root / "llava")
 
     torch.manual_seed(1)
-    # Upstream's proposal maps are 256 x 256 (the converter records that size); the embedding
-    # head narrower than upstream's 2048, which the converter reads from the weights.
+    # Upstream's proposal maps are 256 x 256 (the converter records that size); the heads
+    # narrower than upstream's 2048 and 128, which the converter reads from the weights.
     config = tiny_llm_seg_config(
         tiny_checkpoints,
         version=str(root / "llava"),
         proposal_map_size=256,
         scorer_embedding_hidden_dim=48,
+        scorer_iop_hidden_dim=24,
     )
     model, tokenizer = build_llm_seg(config)
     setup_trainable(model, config)
@@ -236,6 +237,7 @@ def test_converted_scores_equal_the_checkpoint_weights(official, tiny_checkpoint
     loaded = load_exported(export)
     assert loaded.manifest.model.tokenization == report["tokenization"]
     assert loaded.manifest.model.scorer_embedding_hidden_dim == 48
+    assert loaded.manifest.model.scorer_iop_hidden_dim == 24
     assert (export / "llm" / "tokenizer.model").is_file() == sentencepiece
     if sentencepiece:  # prompts token for token as upstream's transformers made them
         case = next(c for c in REFERENCE["cases"] if c["name"] == "reasonseg_val_long")

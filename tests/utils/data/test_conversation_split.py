@@ -100,14 +100,21 @@ def _add_extra_conversations(folder):
 def test_conversations_per_sample_packs_one_pictures_conversations(split, tiny_model_and_encoder):
     dataset_dir, masks_dir, folder = split
     _add_extra_conversations(folder)
+    other = folder / "img_001.json"
+    data = json.loads(other.read_text())
+    data["conversation"] = [{"text": "the red square", "is_sentence": False, "references": [],
+                             "shapes": [{"label": "target", "points": SQUARE}]}]  # fmt: skip
+    other.write_text(json.dumps(data))
     source = load_multi_round_train(
         dataset_dir, masks_dir, "ReasonSeg|val", max_rounds=5, conversations_per_sample=2
     )
-    seen = set()
-    for seed in range(12):
+    seen, pictures = set(), set()
+    for seed in range(16):
         record = source.sample_record(random.Random(seed))
-        assert len(record.conversations) == 2  # two of img_000's three, never img_001
-        assert record.image_path.name == "img_000.jpg"
+        # img_000's three conversations give two, img_001's one only itself; never mixed
+        expected = {"img_000.jpg": 2, "img_001.jpg": 1}[record.image_path.name]
+        assert len(record.conversations) == expected
+        pictures.add(record.image_path.name)
         assert len(record.queries) == sum(len(turns) for turns in record.conversations)
         masks = record.masks(48, 56)
         assert masks.shape == (len(record.queries), 48, 56)
@@ -117,7 +124,8 @@ def test_conversations_per_sample_packs_one_pictures_conversations(split, tiny_m
             assert mask[5, 5] == (1 if square else 0)
             assert mask[25, 25] == (0 if square else 1)
         seen.add(tuple(record.queries))
-    assert len(seen) > 1  # the conversations are drawn, not always the same two
+    assert len(seen) > 2  # the conversations are drawn, not always the same two
+    assert pictures == {"img_000.jpg", "img_001.jpg"}
     # A packed conversation's reference names its own round 1, after the other's rows.
     *_, encoder = tiny_model_and_encoder
     tokenizer = copy.deepcopy(encoder.tokenizer)
@@ -125,6 +133,7 @@ def test_conversations_per_sample_packs_one_pictures_conversations(split, tiny_m
     with_references = SampleEncoder(tokenizer, encoder.fmt, encoder.settings)
     assert with_references.references == "tokens"
     blue, green = source.pictures["ReasonSeg|val"][0][1:]
+    assert [len(p) for p in source.pictures["ReasonSeg|val"]] == [3, 1]
     sample = with_references(merge_conversations([blue, green]))
     assert sample.reference_rows.tolist() == [1]
     assert sample.masks[:, 25, 25].tolist() == [1, 1, 0]
