@@ -424,6 +424,7 @@ TRAINING = ["--version", "{t}", "--log_base_dir", "{t}/runs", "--dataset", "reas
         (["--steps_per_epoch", "0"], "--steps_per_epoch"),
         (["--batch_size", "0"], "--batch_size"),
         (["--grad_accumulation_steps", "0"], "--grad_accumulation_steps"),
+        (["--conversations_per_sample", "0"], "--conversations_per_sample"),
         (["--sample_rates", "1,1"], "--sample_rates"),
         (["--sample_rates", "0"], "--sample_rates"),
         (["--sample_rates", "one"], "--sample_rates"),
